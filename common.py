@@ -1,0 +1,1132 @@
+"""Everything the training and test scripts share that is not a network.
+
+Sections, in order (DESIGN.md): 1 data set registry, 2 reading, 3 transforms, 4 sampling,
+5 phantoms, 6 losses and schedules, 7 metrics, 8 inference and evaluation, 9 run plumbing.
+Conventions and their sources are in ../shared/reference/data_and_protocol.md (cited below as
+"protocol §n"). Nothing here belongs to one method: a method's own losses live in its script.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parent
+
+
+# =============================================================================================
+# 1. Data set registry
+# =============================================================================================
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    dims: int                      # 2: slice-wise training (ACDC layout), 3: volumes
+    num_classes: int               # including background
+    class_names: tuple             # foreground classes 1..num_classes-1
+    layout: str                    # how a case name maps to a file: see case_path()
+    lists: dict                    # split -> list file, relative to the root
+    patch_size: tuple
+    stride: tuple = None           # 3D sliding-window stride
+    labeled_unit: str = "cases"    # what --labeled_num counts: "cases" or "patients" (ACDC)
+    labeled_num: int = 8           # default --labeled_num
+    val_split: str = None          # split used for model selection during training (None: none)
+    network: str = "VNet"          # default segmentation network of the field for this data set
+    batch_size: int = 4
+    labeled_bs: int = 2
+    max_iterations: int = 15000
+    how_to_get: str = ""
+    phantom: bool = False
+
+    @property
+    def default_root(self):
+        return REPO / "data" / self.name
+
+
+DATASETS = {d.name: d for d in [
+    DatasetInfo(  # protocol §1; MC-Net/SS-Net/BCP recipe (15k iterations, batch 4 with 2 labeled)
+        name="LA", dims=3, num_classes=2, class_names=("LA",), layout="la",
+        lists={"train": "train.list", "test": "test.list"}, patch_size=(112, 112, 80), stride=(18, 18, 4),
+        labeled_num=8, how_to_get="the UA-MT release: `yulequan/UA-MT: data/` (2018LA_Seg_Training Set "
+        "with train.list and test.list beside it)"),
+    DatasetInfo(  # protocol §2.1 (MC-Net protocol)
+        name="Pancreas", dims=3, num_classes=2, class_names=("pancreas",), layout="pancreas",
+        lists={"train": "train.list", "test": "test.list"}, patch_size=(96, 96, 96), stride=(16, 16, 16),
+        labeled_num=6, how_to_get="MC-Net's Pancreas_h5 files and lists (`ycwu1997/MC-Net: data/Pancreas`)"),
+    DatasetInfo(  # protocol §3 (SSL4MIS BraTS 2019, whole tumour, FLAIR)
+        name="BraTS2019", dims=3, num_classes=2, class_names=("WT",), layout="brats",
+        lists={"train": "train.txt", "val": "val.txt", "test": "test.txt"}, patch_size=(96, 96, 96),
+        stride=(64, 64, 64), labeled_num=25, val_split="val", network="UNet", max_iterations=30000,
+        how_to_get="the SSL4MIS BraTS2019 h5 files (`HiLab-git/SSL4MIS: data/BraTS2019`, see its README)"),
+    DatasetInfo(  # protocol §4 (SSL4MIS ACDC)
+        name="ACDC", dims=2, num_classes=4, class_names=("RV", "Myo", "LV"), layout="acdc",
+        lists={"train": "train_slices.list", "val": "val.list", "test": "test.list"}, patch_size=(256, 256),
+        labeled_unit="patients", labeled_num=7, val_split="val", network="UNet", batch_size=24, labeled_bs=12,
+        max_iterations=30000, how_to_get="the SSL4MIS ACDC h5 files (`HiLab-git/SSL4MIS: data/ACDC`)"),
+    DatasetInfo(  # built-in, generated on first use (section 5); LA layout, binary
+        name="Phantom3D", dims=3, num_classes=2, class_names=("target",), layout="la",
+        lists={"train": "train.list", "test": "test.list"}, patch_size=(64, 64, 32), stride=(16, 16, 8),
+        labeled_num=2, max_iterations=300, phantom=True),
+    DatasetInfo(  # built-in, generated on first use (section 5); ACDC layout, 4 classes
+        name="Phantom2D", dims=2, num_classes=4, class_names=("RV", "Myo", "LV"), layout="acdc",
+        lists={"train": "train_slices.list", "val": "val.list", "test": "test.list"}, patch_size=(96, 96),
+        labeled_unit="patients", labeled_num=2, val_split="val", network="UNet", batch_size=8, labeled_bs=4,
+        max_iterations=300, phantom=True),
+]}
+
+
+def get_dataset(name):
+    if name not in DATASETS:
+        raise SystemExit(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# =============================================================================================
+# 2. Reading
+# =============================================================================================
+class DataError(Exception):
+    """A problem with the data on disk; the message names the file."""
+
+
+def resolve_root(info, root_path=None):
+    root = Path(root_path) if root_path else info.default_root
+    if info.phantom:
+        ensure_phantom(info, root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} for --dataset {info.name} does not exist. Get {info.how_to_get} "
+                        f"and place it there, or pass --root_path DIR.")
+    return root
+
+
+def read_list(info, root, split):
+    if split not in info.lists:
+        raise DataError(f"--dataset {info.name} has no {split!r} split (it has {', '.join(info.lists)})")
+    path = Path(root) / info.lists[split]
+    if not path.is_file():
+        raise DataError(f"list file {path} not found: --dataset {info.name} expects {info.lists[split]} "
+                        f"in its root {root}. Get {info.how_to_get}.")
+    names = [line.strip().split(",")[0] for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise DataError(f"list file {path} is empty")
+    return names
+
+
+def case_path(info, root, name, split):
+    root = Path(root)
+    if info.layout == "la":
+        return root / "2018LA_Seg_Training Set" / name / "mri_norm2.h5"
+    if info.layout == "pancreas":
+        return root / "Pancreas_h5" / f"{name}_norm.h5"
+    if info.layout == "brats":
+        return root / "data" / f"{name}.h5"
+    if info.layout == "acdc":  # training slices in data/slices/, or flat in data/ in some copies
+        if split == "train" and (root / "data" / "slices" / f"{name}.h5").is_file():
+            return root / "data" / "slices" / f"{name}.h5"
+        return root / "data" / f"{name}.h5"
+    raise ValueError(f"unknown layout {info.layout!r}")
+
+
+def read_case(path, num_classes, ndim):
+    """Read and validate one h5 case: float32 image and uint8 label of the same shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (named in the list file)")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("image", "label") if k not in f]
+        if missing:
+            raise DataError(f"{path}: no {' or '.join(missing)} dataset (keys: {list(f.keys())})")
+        image = f["image"][...].astype(np.float32)
+        label = f["label"][...]
+    if image.shape != label.shape:
+        raise DataError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
+    if image.ndim != ndim:
+        raise DataError(f"{path}: expected a {ndim}D array, got shape {image.shape}")
+    lo, hi = label.min(), label.max()
+    if lo < 0 or hi >= num_classes or not np.array_equal(label, np.round(label)):
+        raise DataError(f"{path}: label values must be integers in [0, {num_classes}); found min {lo}, max {hi}")
+    return image, label.astype(np.uint8)
+
+
+def load_cases(info, root, split, names=None, progress=False):
+    """[(name, image, label)] for a split; 2D data sets' val/test cases are (slices, H, W) volumes."""
+    names = names or read_list(info, root, split)
+    ndim = 2 if (info.dims == 2 and split == "train") else 3
+    it = tqdm(names, desc=f"reading {info.name} {split}", leave=False) if progress else names
+    return [(n, *read_case(case_path(info, root, n, split), info.num_classes, ndim)) for n in it]
+
+
+class SegDataset(Dataset):
+    """Training cases (3D volumes or 2D slices) with a transform; decoded once into memory.
+
+    An index is an int or an (int, seed) pair as TwoStreamBatchSampler yields: the seed makes the
+    augmentation of that draw a function of the sampler alone, so results do not depend on the
+    number of loader workers and a resumed run replays the same crops.
+    """
+
+    def __init__(self, info, root, split="train", transform=None, names=None):
+        self.info, self.transform = info, transform
+        self.cases = load_cases(info, root, split, names, progress=True)
+        self.names = [c[0] for c in self.cases]
+
+    def __len__(self):
+        return len(self.cases)
+
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        _, image, label = self.cases[index]
+        if self.transform is not None:
+            image, label = self.transform(image, label, np.random.default_rng(seed))
+        return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+                "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
+                "index": index}
+
+
+# =============================================================================================
+# 3. Transforms: (image, label, rng) -> (image, label); image and label always move together
+# =============================================================================================
+def random_rot_flip(image, label, rng):
+    """k quarter turns in the plane of the first two axes, then one flip along axis 0 or 1 (protocol §1.4)."""
+    k = int(rng.integers(0, 4))
+    axis = int(rng.integers(0, 2))
+    image, label = np.rot90(image, k, axes=(0, 1)), np.rot90(label, k, axes=(0, 1))
+    return np.flip(image, axis=axis).copy(), np.flip(label, axis=axis).copy()
+
+
+def pad_to_patch(image, label, patch):
+    """Zero-pad every axis whose size is <= the patch by (patch - size) // 2 + 3 on both sides (UA-MT)."""
+    pad = [((p - s) // 2 + 3,) * 2 if s <= p else (0, 0) for s, p in zip(image.shape, patch)]
+    if any(a for a, _ in pad):
+        image, label = np.pad(image, pad), np.pad(label, pad)
+    return image, label
+
+
+def random_crop(image, label, patch, rng):
+    """Random patch; the corner is drawn from 0..size-patch-1 as the anchors do (the last offset never)."""
+    image, label = pad_to_patch(image, label, patch)
+    corner = [int(rng.integers(0, s - p)) for s, p in zip(image.shape, patch)]
+    sl = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+    return image[sl], label[sl]
+
+
+def center_crop(image, label, patch):
+    image, label = pad_to_patch(image, label, patch)
+    corner = [int(round((s - p) / 2.0)) for s, p in zip(image.shape, patch)]
+    sl = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+    return image[sl], label[sl]
+
+
+def random_rotate_2d(image, label, rng):
+    """Rotation by an integer angle in [-20, 19] degrees, nearest neighbour, same size (SSL4MIS)."""
+    angle = int(rng.integers(-20, 20))
+    return (ndimage.rotate(image, angle, order=0, reshape=False),
+            ndimage.rotate(label, angle, order=0, reshape=False))
+
+
+def zoom_to(array, size, order=0):
+    """Resize a 2D array to `size` with SciPy zoom (order 0 for image and label, as SSL4MIS)."""
+    out = ndimage.zoom(array, [t / s for t, s in zip(size, array.shape)], order=order)
+    if out.shape != tuple(size):
+        raise ValueError(f"zoom of {array.shape} to {size} gave {out.shape}")
+    return out
+
+
+class Transform3D:
+    """Training augmentation of the 3D anchors: optional random rot90/flip, then a random crop."""
+
+    def __init__(self, patch_size, rot_flip=True):
+        self.patch_size, self.rot_flip = tuple(patch_size), rot_flip
+
+    def __call__(self, image, label, rng):
+        if self.rot_flip:
+            image, label = random_rot_flip(image, label, rng)
+        return random_crop(image, label, self.patch_size, rng)
+
+
+class Transform2D:
+    """SSL4MIS RandomGenerator (protocol §4.3): with p 1/2 rot90+flip, else a random rotation; zoom to patch."""
+
+    def __init__(self, patch_size):
+        self.patch_size = tuple(patch_size)
+
+    def __call__(self, image, label, rng):
+        if rng.random() > 0.5:
+            image, label = random_rot_flip(image, label, rng)
+        else:
+            image, label = random_rotate_2d(image, label, rng)
+        return zoom_to(image, self.patch_size), zoom_to(label, self.patch_size)
+
+
+def train_transform(info, patch_size):
+    return Transform2D(patch_size) if info.dims == 2 else Transform3D(patch_size, rot_flip=info.name != "Pancreas")
+
+
+# =============================================================================================
+# 4. Sampling
+# =============================================================================================
+class TwoStreamBatchSampler(Sampler):
+    """SSL4MIS/UA-MT semantics (protocol §7): each epoch the labeled indices are shuffled once and cut
+    into groups of labeled_bs (an incomplete last group is dropped); the unlabeled indices form an
+    endless stream of fresh permutations cut into groups of batch_size - labeled_bs; batch k is
+    labeled group k followed by unlabeled group k. Length = len(labeled) // labeled_bs.
+
+    Deviation, for reproducibility: permutations come from a generator seeded by (seed, epoch)
+    instead of NumPy's global state, and each index is yielded with its own augmentation seed, so
+    `set_epoch(epoch, skip)` replays any epoch from any batch (resume). batch_size == labeled_bs
+    gives labeled-only batches (the supervised baseline).
+    """
+
+    def __init__(self, labeled_indices, unlabeled_indices, batch_size, labeled_bs, seed=0):
+        self.labeled, self.unlabeled = list(labeled_indices), list(unlabeled_indices)
+        self.labeled_bs, self.unlabeled_bs = labeled_bs, batch_size - labeled_bs
+        if labeled_bs < 1 or self.unlabeled_bs < 0:
+            raise ValueError(f"need 1 <= --labeled_bs <= --batch_size, got {labeled_bs} and {batch_size}")
+        if len(self.labeled) < labeled_bs:
+            raise ValueError(f"{len(self.labeled)} labeled samples cannot fill --labeled_bs {labeled_bs}")
+        if self.unlabeled_bs and len(self.unlabeled) < self.unlabeled_bs:
+            raise ValueError(f"{len(self.unlabeled)} unlabeled samples cannot fill "
+                             f"{self.unlabeled_bs} unlabeled slots per batch")
+        self.seed, self.epoch, self.skip = seed, 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return len(self.labeled) // self.labeled_bs
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        labeled = rng.permutation(self.labeled)
+        stream = np.concatenate([rng.permutation(self.unlabeled)
+                                 for _ in range(math.ceil(len(self) * self.unlabeled_bs / len(self.unlabeled)))]
+                                ) if self.unlabeled_bs else np.zeros(0, dtype=int)
+        seeds = rng.integers(0, 2**31, size=(len(self), self.labeled_bs + self.unlabeled_bs))
+        for k in range(self.skip, len(self)):
+            batch = list(labeled[k * self.labeled_bs:(k + 1) * self.labeled_bs])
+            batch += list(stream[k * self.unlabeled_bs:(k + 1) * self.unlabeled_bs])
+            yield [(int(i), int(s)) for i, s in zip(batch, seeds[k])]
+
+
+def patient_of(slice_name):
+    """'patient099_frame01_slice_15' -> 'patient099' (both frames of a patient count as one)."""
+    return slice_name.split("_frame")[0]
+
+
+def labeled_indices(info, names, labeled_num):
+    """Indices of the labeled training samples: the first labeled_num cases (3D), or every slice of
+    the first labeled_num patients in list order (2D: ACDC 3/7/14 patients -> 68/136/256 slices)."""
+    if labeled_num == "all":
+        return list(range(len(names)))
+    if info.labeled_unit == "patients":
+        patients = list(dict.fromkeys(patient_of(n) for n in names))
+        if labeled_num > len(patients):
+            raise ValueError(f"--labeled_num {labeled_num} is more than the {len(patients)} patients "
+                             f"in the {info.name} training list")
+        chosen = set(patients[:labeled_num])
+        return [i for i, n in enumerate(names) if patient_of(n) in chosen]
+    if labeled_num > len(names):
+        raise ValueError(f"--labeled_num {labeled_num} is more than the {len(names)} cases "
+                         f"in the {info.name} training list")
+    return list(range(labeled_num))
+
+
+# =============================================================================================
+# 5. Phantoms: small deterministic data sets in the LA and ACDC layouts, generated on first use
+# =============================================================================================
+def _smooth_field(rng, shape, sigma, amplitude):
+    """A smooth random field in [-amplitude, amplitude] (bias field, shape deformation)."""
+    f = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return amplitude * f / (np.abs(f).max() + 1e-8)
+
+
+def _grid(shape):
+    return np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
+
+
+def _blob(grid, center, radii, wobble):
+    """Mask of a deformed ellipsoid/ellipse: normalised radius below 1 + a smooth wobble field."""
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii))
+    return np.sqrt(r2) < 1.0 + wobble
+
+
+def _phantom3d_case(rng):
+    """Binary 'atrium': a deformed ellipsoid with a thin dark wall, among bright distractors of the
+    same intensity range (round blobs and a tube), on a textured background, with a smooth
+    multiplicative bias field and noise; z-scored like the LA files."""
+    shape = (int(rng.integers(72, 88)), int(rng.integers(68, 80)), 40)
+    grid = _grid(shape)
+    image = 0.35 + _smooth_field(rng, shape, 3, 0.15)  # textured background tissue
+    center = [s / 2 + rng.uniform(-6, 6) for s in shape[:2]] + [shape[2] / 2 + rng.uniform(-3, 3)]
+    radii = [rng.uniform(13, 20), rng.uniform(11, 17), rng.uniform(8, 12)]
+    wobble = _smooth_field(rng, shape, 6, 0.25)
+    target = _blob(grid, center, radii, wobble)
+    wall = _blob(grid, center, [r + 2.5 for r in radii], wobble) & ~target
+    fg_level = rng.uniform(0.6, 0.8)
+    image[wall] = 0.2
+    image[target] = fg_level
+    for _ in range(int(rng.integers(2, 5))):  # distractors: bright, no wall, overlapping intensities
+        c = [rng.uniform(6, s - 6) for s in shape]
+        d = _blob(grid, c, [rng.uniform(4, 9)] * 3, 0.0) & ~wall & ~target
+        image[d] = rng.uniform(0.55, 0.85)
+    axis_c = [rng.uniform(10, shape[0] - 10), rng.uniform(10, shape[1] - 10)]  # a bright tube along z
+    tube = ((grid[0] - axis_c[0]) ** 2 + (grid[1] - axis_c[1]) ** 2 < rng.uniform(9, 25)) & ~wall & ~target
+    image[tube] = rng.uniform(0.6, 0.8)
+    image *= 1.0 + _smooth_field(rng, shape, 12, 0.3)  # bias field
+    image += rng.normal(0, 0.1, shape)
+    image = (image - image.mean()) / image.std()
+    return image.astype(np.float32), target.astype(np.uint8)
+
+
+def _phantom2d_volume(rng, n_slices):
+    """Cardiac-like 4-class volume: LV disk (3) inside a myocardial ring (2), an RV crescent (1)
+    beside it, shrinking towards the apex; bright distractors and a dark ring distractor; bias
+    field and noise; min-max to [0, 1] per volume like the ACDC files."""
+    h, w = int(rng.integers(88, 120)), int(rng.integers(88, 120))
+    grid = _grid((h, w))
+    cy, cx = h / 2 + rng.uniform(-8, 8), w / 2 + rng.uniform(-8, 8)
+    r_lv, thick = rng.uniform(9, 14), rng.uniform(3, 5)
+    rv_angle = rng.uniform(-0.6, 0.6) + np.pi  # RV sits on the left of the LV
+    images, labels = [], []
+    distractors = [([rng.uniform(8, h - 8), rng.uniform(8, w - 8)], rng.uniform(4, 8)) for _ in range(3)]
+    for z in range(n_slices):
+        scale = 1.0 - 0.5 * z / max(n_slices - 1, 1)  # base to apex
+        wobble = _smooth_field(rng, (h, w), 5, 0.12)
+        lv = _blob(grid, (cy, cx), (r_lv * scale, r_lv * scale * rng.uniform(0.85, 1.15)), wobble)
+        myo = _blob(grid, (cy, cx), ((r_lv + thick) * scale,) * 2, wobble) & ~lv
+        rv_c = (cy + np.sin(rv_angle) * (r_lv + thick) * scale, cx + np.cos(rv_angle) * (r_lv + thick) * scale)
+        rv = _blob(grid, rv_c, (1.6 * r_lv * scale, 0.8 * r_lv * scale), wobble) & ~lv & ~myo
+        image = 0.3 + _smooth_field(rng, (h, w), 2, 0.12)
+        label = np.zeros((h, w), np.uint8)
+        for mask, cls, level in ((rv, 1, rng.uniform(0.65, 0.8)), (myo, 2, rng.uniform(0.15, 0.25)),
+                                 (lv, 3, rng.uniform(0.7, 0.85))):
+            image[mask], label[mask] = level, cls
+        for c, r in distractors:  # bright round structures (aorta, stomach): same range as the cavities
+            d = _blob(grid, c, (r, r), 0.0) & (label == 0)
+            image[d] = rng.uniform(0.65, 0.85)
+        ring = _blob(grid, distractors[0][0], (distractors[0][1] + 3,) * 2, 0.0) & (label == 0) & (image < 0.6)
+        image[ring] = 0.2  # a dark ring like the myocardium around a distractor
+        image *= 1.0 + _smooth_field(rng, (h, w), 10, 0.25)
+        image += rng.normal(0, 0.06, (h, w))
+        images.append(image)
+        labels.append(label)
+    image = np.stack(images)
+    image = (image - image.min()) / (image.max() - image.min())
+    return image.astype(np.float32), np.stack(labels)
+
+
+def _write_h5(path, image, label):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image, compression="gzip")
+        f.create_dataset("label", data=label, compression="gzip")
+
+
+def generate_phantom(info, root, seed=2024):
+    """Write a phantom data set into root (deterministic in `seed`)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    lists = {}
+    if info.dims == 3:  # LA layout: 16 training and 4 test cases
+        names = [f"case{i:03d}" for i in range(20)]
+        for n in names:
+            _write_h5(case_path(info, root, n, "train"), *_phantom3d_case(rng))
+        lists = {"train.list": names[:16], "test.list": names[16:]}
+    else:  # ACDC layout: 12 training patients as slices, 3 val and 3 test patients as volumes
+        train_vols, slices, vols = [], [], {"val.list": [], "test.list": []}
+        for p in range(18):
+            split = "train.list" if p < 12 else ("val.list" if p < 15 else "test.list")
+            n_slices = int(rng.integers(6, 11))
+            for frame in (1, 2):
+                name = f"patient{p + 1:03d}_frame{frame:02d}"
+                image, label = _phantom2d_volume(rng, n_slices)
+                if split == "train.list":
+                    train_vols.append(name)
+                    for k in range(n_slices):  # slice numbers count from 1, as the ACDC lists
+                        slices.append(f"{name}_slice_{k + 1}")
+                        _write_h5(root / "data" / "slices" / f"{slices[-1]}.h5", image[k], label[k])
+                else:
+                    vols[split].append(name)
+                    _write_h5(root / "data" / f"{name}.h5", image, label)
+        lists = {"train_slices.list": slices, "train.list": train_vols, **vols}
+    for fname, names in lists.items():
+        (root / fname).write_text("\n".join(names) + "\n")
+
+
+def ensure_phantom(info, root):
+    """Generate the phantom into root once (atomically: a temporary folder renamed into place)."""
+    root = Path(root)
+    if (root / info.lists["train"]).is_file():
+        return
+    tmp = root.parent / f".{root.name}.tmp{os.getpid()}"
+    print(f"generating the {info.name} phantom into {root} (once) ...", file=sys.stderr)
+    generate_phantom(info, tmp)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process generated it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# =============================================================================================
+# 6. Losses and schedules (generic only)
+# =============================================================================================
+def dice_loss(probs, target, smooth=1e-5):
+    """Soft Dice loss averaged over classes, background included (SSL4MIS `DiceLoss`).
+
+    probs: (B, C, *spatial) probabilities; target: (B, *spatial) integer labels or (B, C, *spatial)
+    soft/one-hot targets. Per class c: 1 - (2 sum p_c t_c + s) / (sum p_c^2 + sum t_c^2 + s), sums over
+    the whole batch.
+    """
+    if target.dim() == probs.dim() - 1:
+        target = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    dims = [0] + list(range(2, probs.dim()))
+    intersect = (probs * target).sum(dims)
+    denom = (probs * probs).sum(dims) + (target * target).sum(dims)
+    return (1.0 - (2 * intersect + smooth) / (denom + smooth)).mean()
+
+
+def supervised_loss(logits, label):
+    """0.5 x (cross-entropy + soft Dice): the field's supervised loss (protocol, shared conventions)."""
+    return 0.5 * (F.cross_entropy(logits, label.long()) + dice_loss(torch.softmax(logits, 1), label))
+
+
+def sigmoid_rampup(current, rampup_length):
+    """exp(-5 (1 - t/T)^2), t clipped to [0, T] (Laine and Aila; UA-MT, SSL4MIS `ramps.py`)."""
+    if rampup_length == 0:
+        return 1.0
+    t = np.clip(current, 0.0, rampup_length) / rampup_length
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def lr_at(schedule, base_lr, iteration, max_iterations):
+    """Learning rate for `iteration` (0-based): poly (SSL4MIS, power 0.9), step (UA-MT: x0.1 every
+    2,500), linear (to 0) or constant (MC-Net)."""
+    if schedule == "poly":
+        return base_lr * (1.0 - iteration / max_iterations) ** 0.9
+    if schedule == "step":
+        return base_lr * 0.1 ** (iteration // 2500)
+    if schedule == "linear":
+        return base_lr * (1.0 - iteration / max_iterations)
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"unknown --lr_schedule {schedule!r}")
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, alpha, global_step):
+    """Mean-teacher EMA of the parameters with alpha = min(1 - 1/(step + 1), alpha) (SSL4MIS)."""
+    alpha = min(1.0 - 1.0 / (global_step + 1), alpha)
+    for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+        ema_p.mul_(alpha).add_(p, alpha=1.0 - alpha)
+
+
+# =============================================================================================
+# 7. Metrics
+# =============================================================================================
+def binary_metrics(pred, gt, distances=True):
+    """Dice, Jaccard, 95HD and ASD of one binary mask pair, in voxel units (medpy, no spacing).
+
+    Empty-mask rule (protocol §5.4), written once here:
+    - prediction empty, label not: Dice 0, Jaccard 0, 95HD 0, ASD 0 as UA-MT/MC-Net/BCP do, so
+      numbers compare with the field; hd95_strict/asd_strict are NaN (a failed case is not perfect);
+    - both empty: Dice 1, Jaccard 1, distances NaN (never happens on whole ACDC/LA volumes);
+    - label empty, prediction not: Dice 0, Jaccard 0, distances NaN.
+    ASD is medpy's `asd(pred, gt)` (prediction surface to label surface), as every anchor calls it.
+    """
+    from medpy.metric import binary as mb
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    empty_pred, empty_gt = not pred.any(), not gt.any()
+    m = {"empty_pred": empty_pred, "empty_label": empty_gt}
+    if empty_pred or empty_gt:
+        both = empty_pred and empty_gt
+        m.update(dice=float(both), jaccard=float(both), hd95=0.0 if (empty_pred and not empty_gt) else math.nan,
+                 asd=0.0 if (empty_pred and not empty_gt) else math.nan, hd95_strict=math.nan, asd_strict=math.nan)
+        return m
+    inter = np.logical_and(pred, gt).sum()
+    m["dice"] = 2.0 * inter / (pred.sum() + gt.sum())
+    m["jaccard"] = inter / np.logical_or(pred, gt).sum()
+    if distances:
+        m["hd95"] = m["hd95_strict"] = float(mb.hd95(pred, gt))
+        m["asd"] = m["asd_strict"] = float(mb.asd(pred, gt))
+    else:
+        m.update(hd95=math.nan, asd=math.nan, hd95_strict=math.nan, asd_strict=math.nan)
+    return m
+
+
+def case_metrics(pred, label, num_classes, distances=True):
+    """{class index: binary_metrics} for the foreground classes 1..num_classes-1."""
+    return {c: binary_metrics(pred == c, label == c, distances) for c in range(1, num_classes)}
+
+
+METRICS = ("dice", "jaccard", "hd95", "asd", "hd95_strict", "asd_strict")
+
+
+def summarize(rows, class_names):
+    """Mean and sd over cases, per class and of the per-case class mean; NaNs (undefined distances)
+    are left out of the means and counted. rows: [{"case": name, "metrics": case_metrics(...)}]."""
+    out = {}
+    for c, cname in enumerate(class_names, start=1):
+        for k in METRICS:
+            v = np.array([r["metrics"][c][k] for r in rows], float)
+            out[f"{cname}_{k}_mean"], out[f"{cname}_{k}_sd"] = _nanmean_sd(v)
+        out[f"{cname}_empty_pred"] = sum(r["metrics"][c]["empty_pred"] for r in rows)
+    for k in METRICS:
+        v = np.array([np.nanmean([r["metrics"][c][k] for c in r["metrics"]]) if not
+                      all(math.isnan(r["metrics"][c][k]) for c in r["metrics"]) else math.nan for r in rows], float)
+        out[f"{k}_mean"], out[f"{k}_sd"] = _nanmean_sd(v)
+    out["cases"] = len(rows)
+    out["empty_pred"] = sum(any(r["metrics"][c]["empty_pred"] for c in r["metrics"]) for r in rows)
+    return out
+
+
+def _nanmean_sd(v):
+    v = v[~np.isnan(v)]
+    return (float(v.mean()), float(v.std())) if len(v) else (math.nan, math.nan)
+
+
+# =============================================================================================
+# 8. Inference and evaluation
+# =============================================================================================
+def window_starts(size, patch, stride):
+    """ceil((size - patch) / stride) + 1 windows; the last one flush with the end (protocol §1.5)."""
+    n = math.ceil((size - patch) / stride) + 1
+    return [min(i * stride, size - patch) for i in range(n)]
+
+
+def _gaussian_weight(patch, device, sigma_scale=0.125):
+    w = torch.ones(patch, device=device)
+    for axis, p in enumerate(patch):
+        x = torch.arange(p, device=device, dtype=torch.float32) - (p - 1) / 2
+        g = torch.exp(-0.5 * (x / (sigma_scale * p)) ** 2)
+        w = w * g.view([-1 if a == axis else 1 for a in range(len(patch))])
+    return w / w.max()
+
+
+@torch.no_grad()
+def sliding_window(predict, image, patch, stride, num_classes, sw_batch_size=4, gaussian=False):
+    """Probability map (C, *image.shape) of a 3D volume by the anchors' sliding window, batched.
+
+    predict: (B, 1, *patch) tensor -> (B, C, *patch) probabilities. Axes smaller than the patch are
+    zero-padded to it (floor(pad/2) before); window probabilities are summed and divided by the
+    coverage count (plain averaging, as UA-MT/SSL4MIS; `gaussian=True` weights the window centre).
+    `sw_batch_size` windows go through the network per call; the result does not depend on it.
+    """
+    device = image.device if torch.is_tensor(image) else torch.device("cpu")
+    image = torch.as_tensor(image, dtype=torch.float32, device=device)
+    shape = image.shape
+    pad = [max(p - s, 0) for s, p in zip(shape, patch)]
+    if any(pad):
+        image = F.pad(image, [x for p in reversed(pad) for x in (p // 2, p - p // 2)])
+    size = image.shape
+    starts = [(a, b, c) for a in window_starts(size[0], patch[0], stride[0])
+              for b in window_starts(size[1], patch[1], stride[1]) for c in window_starts(size[2], patch[2], stride[2])]
+    score = torch.zeros((num_classes, *size), device=device)
+    count = torch.zeros(size, device=device)
+    weight = _gaussian_weight(patch, device) if gaussian else torch.ones(patch, device=device)
+    for i in range(0, len(starts), sw_batch_size):
+        group = starts[i:i + sw_batch_size]
+        slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in group]
+        batch = torch.stack([image[sl] for sl in slices])[:, None]
+        probs = predict(batch).float()
+        for sl, pr in zip(slices, probs):
+            score[(slice(None), *sl)] += pr * weight
+            count[sl] += weight
+    score = score / count
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, shape))
+    return score[(slice(None), *crop)]
+
+
+@torch.no_grad()
+def predict_slices(predict, volume, patch, batch_size=16):
+    """Label map (S, H, W) of a 2D-trained network on a (S, H, W) volume, slice by slice: zoom each
+    slice to the patch (order 0), argmax, zoom back (order 0), as SSL4MIS `val_2D.py` (protocol §4.4)."""
+    zoomed = np.stack([zoom_to(s, patch) for s in volume])
+    device = predict.device if hasattr(predict, "device") else torch.device("cpu")
+    labels = []
+    for i in range(0, len(zoomed), batch_size):
+        x = torch.from_numpy(zoomed[i:i + batch_size])[:, None].to(device)
+        labels.append(predict(x).argmax(1).cpu().numpy().astype(np.uint8))
+    labels = np.concatenate(labels)
+    return np.stack([zoom_to(lab, volume.shape[1:]) for lab in labels])
+
+
+class Predictor:
+    """Callable (B, 1, *patch) -> (B, C, *patch) softmax probabilities of one network or the mean
+    of several (an ensemble checkpoint), in eval mode, optionally under CUDA autocast."""
+
+    def __init__(self, nets, device, amp=False):
+        self.nets, self.device, self.amp = list(nets), torch.device(device), amp
+
+    def __call__(self, x):
+        with torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
+            probs = [torch.softmax(net(x.to(self.device)), 1).float() for net in self.nets]
+        return sum(probs) / len(probs)
+
+
+def predict_case(predict, info, image, patch, stride=None, sw_batch_size=4, gaussian=False):
+    """Label map of one case: slice-wise for 2D data sets, sliding window for 3D."""
+    if info.dims == 2:
+        return predict_slices(predict, image, patch)
+    image = torch.from_numpy(image).to(predict.device)
+    probs = sliding_window(predict, image, patch, stride or info.stride, info.num_classes, sw_batch_size, gaussian)
+    return probs.argmax(0).cpu().numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def evaluate(predict, info, cases, patch, stride=None, sw_batch_size=4, distances=True, progress=False,
+             on_case=None):
+    """The one evaluation path (training-time validation and the test scripts): predict every case,
+    metrics per class per case on the full volume. Returns (rows, summary); on_case(name, image,
+    label, pred) is called for each case (for saving predictions)."""
+    for net in predict.nets:
+        net.eval()
+    rows = []
+    it = tqdm(cases, desc="evaluating", leave=False) if progress else cases
+    for name, image, label in it:
+        pred = predict_case(predict, info, image, patch, stride, sw_batch_size)
+        rows.append({"case": name, "metrics": case_metrics(pred, label, info.num_classes, distances)})
+        if on_case is not None:
+            on_case(name, image, label, pred)
+    return rows, summarize(rows, info.class_names)
+
+
+# =============================================================================================
+# 9. Run plumbing: arguments, seeding, loaders, snapshot folder, logging, checkpoints, resume
+# =============================================================================================
+def add_common_args(parser):
+    """The SSL4MIS argument names. Defaults of None are filled by parse_args from the method's
+    defaults for the data set, then from the data set registry."""
+    a = parser.add_argument
+    a("--dataset", default=None, help=f"one of {', '.join(DATASETS)}")
+    a("--root_path", default=None, help="data root (default: data/<dataset>)")
+    a("--exp", default="run", help="experiment name, part of the snapshot folder")
+    a("--labeled_num", default=None, help="labeled cases (3D) or patients (ACDC), or 'all'")
+    a("--max_iterations", type=int, default=None)
+    a("--batch_size", type=int, default=None, help="samples per batch, labeled + unlabeled")
+    a("--labeled_bs", type=int, default=None, help="labeled samples per batch (they come first)")
+    a("--base_lr", type=float, default=None)
+    a("--lr_schedule", default=None, choices=["poly", "step", "linear", "constant"])
+    a("--patch_size", type=int, nargs="+", default=None)
+    a("--seed", type=int, default=1337)
+    a("--deterministic", type=int, default=1, help="deterministic cuDNN (1) or benchmark mode (0)")
+    a("--val_interval", type=int, default=200, help="validate every N iterations (needs a val split)")
+    a("--val_split", default=None, help="split for model selection; 'none' disables; LA/Pancreas have "
+                                        "none (the anchors select on 'test': comparable, but optimistic)")
+    a("--save_interval", type=int, default=1000, help="write last.pth every N iterations")
+    a("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    a("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    a("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a("--resume", action="store_true", help="continue from last.pth in the snapshot folder")
+    a("--model_dir", default="model", help="parent of the snapshot folders")
+    a("--sw_batch_size", type=int, default=4, help="sliding-window patches per forward pass (3D)")
+    return parser
+
+
+def parse_args(parser, argv=None, defaults=None):
+    """Parse; fill every None from defaults[dataset], then defaults['*'], then the registry."""
+    args = parser.parse_args(argv)
+    defaults = defaults or {}
+    if args.dataset is None:
+        args.dataset = defaults.get("*", {}).get("dataset", "ACDC")
+    info = get_dataset(args.dataset)
+    registry = dict(labeled_num=info.labeled_num, max_iterations=info.max_iterations, batch_size=info.batch_size,
+                    labeled_bs=info.labeled_bs, base_lr=0.01, lr_schedule="poly", patch_size=info.patch_size,
+                    val_split=info.val_split or "none")
+    merged = {**registry, **defaults.get("*", {}), **defaults.get(args.dataset, {})}
+    for key, value in merged.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.patch_size = [int(p) for p in args.patch_size]
+    if len(args.patch_size) != info.dims:
+        parser.error(f"--patch_size needs {info.dims} numbers for {info.name}, got {args.patch_size}")
+    if str(args.labeled_num) != "all":
+        try:
+            args.labeled_num = int(args.labeled_num)
+        except ValueError:
+            parser.error(f"--labeled_num must be a number or 'all', got {args.labeled_num!r}")
+    args.val_split = None if args.val_split in (None, "none") else args.val_split
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.amp and not args.device.startswith("cuda"):
+        parser.error("--amp needs a CUDA device (got --device %s)" % args.device)
+    if args.max_iterations < 0:
+        parser.error("--max_iterations must be >= 0")
+    return args
+
+
+def seed_everything(seed, deterministic=True):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def default_network(info, **kwargs):
+    """The field's network for a data set: V-Net with dropout (UA-MT) for LA/Pancreas/Phantom3D,
+    SSL4MIS 2D U-Net for ACDC/Phantom2D, SSL4MIS 3D U-Net for BraTS."""
+    from unet2d import UNet
+    from vnet import VNet
+    if info.network == "VNet":
+        return VNet(**{"dims": info.dims, "num_classes": info.num_classes, "has_dropout": True, **kwargs})
+    return UNet(**{"dims": info.dims, "num_classes": info.num_classes, **kwargs})
+
+
+def build_network(spec):
+    """Rebuild a network from {"name": ..., "kwargs": ...} as stored in checkpoints."""
+    from unet2d import UNet
+    from vnet import VNet
+    classes = {"VNet": VNet, "UNet": UNet}
+    if spec["name"] not in classes:
+        raise ValueError(f"checkpoint names an unknown network {spec['name']!r}")
+    return classes[spec["name"]](**spec["kwargs"])
+
+
+def train_loader(args, info, root, labeled_only=False):
+    """DataLoader over the training list with the two-stream sampler; returns (loader, n_labeled,
+    n_unlabeled). labeled_only: batches of --labeled_bs labeled samples (supervised baseline)."""
+    dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size))
+    labeled = labeled_indices(info, dataset.names, args.labeled_num)
+    unlabeled = [] if labeled_only else sorted(set(range(len(dataset))) - set(labeled))
+    batch_size = args.labeled_bs if labeled_only else args.batch_size
+    if not labeled_only and not unlabeled:
+        raise ValueError(f"--labeled_num {args.labeled_num} leaves no unlabeled samples in {info.name}")
+    sampler = TwoStreamBatchSampler(labeled, unlabeled, batch_size, args.labeled_bs, seed=args.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                        pin_memory=args.device.startswith("cuda"), persistent_workers=False)
+    return loader, len(labeled), len(unlabeled)
+
+
+def atomic_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Run:
+    """One training run's folder and bookkeeping: model/<dataset>_<exp>_<labeled_num>_labeled/<method>/
+    with args.json, log.txt, metrics.csv, best.pth (best validation Dice) and last.pth (everything
+    resume needs). Use as a context manager: the first Ctrl-C finishes the current iteration,
+    writes last.pth and exits; a second one aborts at once."""
+
+    def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None):
+        self.args, self.method, self.info = args, method, get_dataset(args.dataset)
+        self.models, self.optimizers, self.state = models, optimizers, state if state is not None else {}
+        self.eval_models = list(eval_models)
+        self.dir = Path(args.model_dir) / f"{args.dataset}_{args.exp}_{args.labeled_num}_labeled" / method
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.iteration, self.best, self.best_iteration, self._stop = 0, -1.0, None, False
+        self._elapsed0, self._last_saved = 0.0, "never"
+        if (self.dir / "last.pth").exists() and not args.resume:
+            raise SystemExit(f"{self.dir / 'last.pth'} exists: pass --resume to continue that run, or choose "
+                             f"another --exp to start a new one")
+        if args.resume:
+            self._load_last()
+        self._log_file = open(self.dir / "log.txt", "a")
+        (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        self.log(f"{'resuming' if args.resume else 'starting'} {method} on {args.dataset} at iteration "
+                 f"{self.iteration}; git {_git_commit()}; python {platform.python_version()}, torch "
+                 f"{torch.__version__}, numpy {np.__version__}; device {args.device}\nargs: {json.dumps(vars(args))}")
+        self.predictor = Predictor([models[k] for k in self.eval_models], args.device, args.amp)
+        self.val_cases = []
+        if args.val_split:
+            if args.val_split == "test":
+                self.log("model selection on the TEST list (--val_split test): as the LA/Pancreas anchors do; "
+                         "comparable with them but optimistic")
+            self.val_cases = load_cases(self.info, resolve_root(self.info, args.root_path), args.val_split)
+        self._csv_keys, self._csv, self._t0 = None, None, time.time()
+
+    def log(self, message, console=True):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        self._log_file.write(line + "\n")
+        self._log_file.flush()
+        if console:
+            tqdm.write(line, file=sys.stderr)
+
+    # ---- the loop ----
+    def batches(self, loader):
+        """Yield (iteration, batch) for iteration = self.iteration .. max_iterations - 1 (0-based: the
+        number of steps already done), epoch after epoch; a resumed run continues mid-epoch."""
+        sampler = loader.batch_sampler
+        epoch, skip = divmod(self.iteration, len(sampler))
+        self.bar = tqdm(total=self.args.max_iterations, initial=self.iteration, desc=self.method,
+                        dynamic_ncols=True, mininterval=1.0)
+        iteration = self.iteration
+        while iteration < self.args.max_iterations:
+            sampler.set_epoch(epoch, skip)
+            for batch in loader:
+                yield iteration, batch
+                iteration += 1
+                if iteration >= self.args.max_iterations:
+                    break
+            epoch, skip = epoch + 1, 0
+
+    def step(self, iteration, logs):
+        """After the optimizer step of 0-based `iteration`: NaN guard, metrics.csv, progress bar,
+        validation and best.pth every --val_interval, last.pth every --save_interval.
+        logs: {name: scalar tensor or number}; one device sync per call for all of them."""
+        names = list(logs)
+        device = next((v.device for v in logs.values() if torch.is_tensor(v)), torch.device("cpu"))
+        values = torch.stack([torch.as_tensor(v, device=device).detach().float().reshape(())
+                              for v in logs.values()]).tolist()
+        for name, value in zip(names, values):
+            if not math.isfinite(value):
+                raise SystemExit(f"{name} is {value} at iteration {iteration + 1}: stopping. Nothing was saved "
+                                 f"over {self.dir / 'last.pth'} (last written at iteration "
+                                 f"{self._last_saved}).")
+        self.iteration = iteration + 1
+        row = {"iteration": self.iteration, "lr": self._lr(), **dict(zip(names, values))}
+        if self.val_cases and self.iteration % self.args.val_interval == 0:
+            row.update(self.validate())
+        self._write_csv(row)
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(zip(names, values))[:4]}, refresh=False)
+        self.bar.update(1)
+        if self.iteration % self.args.save_interval == 0 or self._stop:
+            self.save_last()
+        if self._stop:
+            self.log(f"interrupted: last.pth written at iteration {self.iteration}; continue with --resume")
+            raise SystemExit(130)
+
+    def _lr(self):
+        opt = next((o for o in self.optimizers.values() if isinstance(o, torch.optim.Optimizer)), None)
+        return opt.param_groups[0]["lr"] if opt is not None else math.nan
+
+    def validate(self):
+        was_training = {k: m.training for k, m in self.models.items()}
+        rows, summary = evaluate(self.predictor, self.info, self.val_cases, self.args.patch_size,
+                                 sw_batch_size=self.args.sw_batch_size, distances=False)
+        for k, m in self.models.items():
+            m.train(was_training[k])
+        out = {"val_dice": summary["dice_mean"], "val_jaccard": summary["jaccard_mean"]}
+        out.update({f"val_dice_{c}": summary[f"{c}_dice_mean"] for c in self.info.class_names})
+        msg = f"iteration {self.iteration}: val mean Dice {out['val_dice']:.4f} (" + ", ".join(
+            f"{c} {out[f'val_dice_{c}']:.4f}" for c in self.info.class_names) + f"); empty predictions {summary['empty_pred']}"
+        if out["val_dice"] > self.best:
+            self.best, self.best_iteration = out["val_dice"], self.iteration
+            atomic_save(self._eval_payload(), self.dir / "best.pth")
+            msg += " -> best.pth"
+        self.log(msg)
+        return out
+
+    def _write_csv(self, row):
+        if self._csv is None:
+            val_keys = ["val_dice", "val_jaccard"] + [f"val_dice_{c}" for c in self.info.class_names]
+            self._csv_keys = list(row) + ["time"] + ([k for k in val_keys if k not in row] if self.val_cases else [])
+            path = self.dir / "metrics.csv"
+            kept = []
+            if self.args.resume and path.exists():  # drop rows after the checkpoint we resumed from
+                with open(path) as f:
+                    kept = [r for r in csv.DictReader(f) if int(r["iteration"]) < self.iteration]
+            self._csv_file = open(path, "w", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=self._csv_keys, extrasaction="raise")
+            self._csv.writeheader()
+            self._csv.writerows({k: r.get(k, "") for k in self._csv_keys} for r in kept)
+        row["time"] = round(self._elapsed0 + time.time() - self._t0, 3)
+        self._csv.writerow({k: row.get(k, "") for k in self._csv_keys})
+        if self.iteration % 20 == 0 or self.iteration == self.args.max_iterations:
+            self._csv_file.flush()
+            self.log(" ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                     console=False)
+
+    # ---- checkpoints ----
+    def _eval_payload(self):
+        nets = [self.models[k] for k in self.eval_models]
+        return {"method": self.method, "dataset": self.args.dataset, "iteration": self.iteration,
+                "args": vars(self.args), "inference": "softmax_mean",
+                "nets": [{"name": type(n).__name__, "kwargs": n.config} for n in nets],
+                "state_dicts": [n.state_dict() for n in nets]}
+
+    def save_last(self):
+        payload = self._eval_payload()
+        payload.update(
+            models={k: m.state_dict() for k, m in self.models.items()},
+            optimizers={k: o.state_dict() for k, o in self.optimizers.items()},
+            method_state=self.state, best={"val_dice": self.best, "iteration": self.best_iteration},
+            elapsed=self._elapsed0 + time.time() - self._t0,
+            rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+        atomic_save(payload, self.dir / "last.pth")
+        self._last_saved = self.iteration
+
+    def _load_last(self):
+        path = self.dir / "last.pth"
+        if not path.exists():
+            raise SystemExit(f"--resume: {path} does not exist (same --dataset, --exp, --labeled_num and "
+                             f"--model_dir as the run to continue?)")
+        ckpt = torch.load(path, map_location=self.args.device, weights_only=False)
+        for k, m in self.models.items():
+            m.load_state_dict(ckpt["models"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(ckpt["optimizers"][k])
+        self.state.update(ckpt["method_state"])
+        self.iteration, self._last_saved = ckpt["iteration"], ckpt["iteration"]
+        self.best, self.best_iteration = ckpt["best"]["val_dice"], ckpt["best"]["iteration"]
+        self._elapsed0 = ckpt.get("elapsed", 0.0)
+        rng = ckpt["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+    def finish(self):
+        """Write last.pth, validate the final weights if not just done, and log the summary."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        self.save_last()
+        msg = f"finished at iteration {self.iteration}; final checkpoint {self.dir / 'last.pth'}"
+        if self.val_cases:
+            if self.iteration % self.args.val_interval != 0:
+                self.validate()
+            msg += f"; best val Dice {self.best:.4f} at iteration {self.best_iteration} ({self.dir / 'best.pth'})"
+        self.log(msg)
+
+    def __enter__(self):
+        def on_sigint(signum, frame):
+            self._stop = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+            tqdm.write("Ctrl-C: finishing this iteration, then writing last.pth (again to abort)", file=sys.stderr)
+        self._old_handler = signal.signal(signal.SIGINT, on_sigint)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        signal.signal(signal.SIGINT, self._old_handler)
+        if getattr(self, "_csv_file", None) is not None:
+            self._csv_file.flush()
+        if exc_type is KeyboardInterrupt:
+            self.log(f"aborted; last.pth is from iteration {self._last_saved}")
+        return False
+
+
+# ---- checkpoints for evaluation, and the test scripts' command line ----
+def load_checkpoint(path, device="cpu"):
+    """(Predictor, checkpoint dict) from any checkpoint a training script wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"--ckpt {path}: file not found")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    for key in ("dataset", "nets", "state_dicts", "args"):
+        if key not in ckpt:
+            raise SystemExit(f"--ckpt {path}: not a checkpoint of this repository (no {key!r})")
+    nets = []
+    for spec, sd in zip(ckpt["nets"], ckpt["state_dicts"]):
+        net = build_network(spec).to(device)
+        net.load_state_dict(sd)
+        nets.append(net.eval())
+    return Predictor(nets, device), ckpt
+
+
+def test_main(dims, argv=None):
+    """Command line of test_2d.py / test_3d.py: evaluate --ckpt on a split, print a per-case table and
+    mean +- sd, write CSVs next to the checkpoint, optionally NIfTI predictions."""
+    p = argparse.ArgumentParser(description=f"Evaluate a {dims}D checkpoint (the checkpoint knows its data set).")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--split", default=None, help="test (default), val, or any split of the data set")
+    p.add_argument("--root_path", default=None, help="data root (default: the one the run trained on)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sw_batch_size", type=int, default=4, help="sliding-window patches per forward pass")
+    p.add_argument("--stride", type=int, nargs="+", default=None, help="sliding-window stride (3D)")
+    p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a = p.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if a.amp and not device.startswith("cuda"):
+        p.error("--amp needs a CUDA device")
+    predictor, ckpt = load_checkpoint(a.ckpt, device)
+    predictor.amp = a.amp
+    info = get_dataset(ckpt["dataset"])
+    if info.dims != dims:
+        raise SystemExit(f"--ckpt {a.ckpt} is a {info.dims}D {info.name} checkpoint: use test_{info.dims}d.py")
+    split = a.split or ("test" if "test" in info.lists else info.val_split)
+    root = resolve_root(info, a.root_path or ckpt["args"].get("root_path"))
+    cases = load_cases(info, root, split, progress=True)
+    ckpt_path = Path(a.ckpt)
+    stem = f"{ckpt_path.stem}_{split}"
+    save = None
+    if a.save_nii:
+        import nibabel as nib
+        nii_dir = ckpt_path.parent / f"{stem}_nii"
+        nii_dir.mkdir(exist_ok=True)
+
+        def save(name, image, label, pred):  # identity affine: the h5 files store no spacing
+            for kind, arr in (("img", image.astype(np.float32)), ("gt", label), ("pred", pred)):
+                nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4)), nii_dir / f"{name}_{kind}.nii.gz")
+    t0 = time.time()
+    rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], a.stride, a.sw_batch_size,
+                             progress=True, on_case=save)
+    seconds = time.time() - t0
+    print_results(rows, summary, info, f"{ckpt['method']} on {info.name} {split}, {ckpt_path} "
+                  f"(iteration {ckpt['iteration']}), {seconds:.1f} s")
+    write_results(rows, summary, info, ckpt_path.parent / f"{stem}_cases.csv", ckpt_path.parent / f"{stem}_summary.csv")
+    print(f"wrote {ckpt_path.parent / (stem + '_cases.csv')} and {stem}_summary.csv"
+          + (f"; NIfTI in {nii_dir}" if a.save_nii else ""))
+    return rows, summary
+
+
+def print_results(rows, summary, info, title):
+    names = info.class_names
+    per_class = len(names) > 1
+    print(title)
+    head = f"{'case':<28}" + "".join(f"{c + ' Dice':>10}" for c in names) * per_class + \
+        f"{'Dice':>8}{'Jaccard':>9}{'95HD':>8}{'ASD':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        m = r["metrics"]
+        mean = {k: np.nanmean([m[c][k] for c in m]) if not all(math.isnan(m[c][k]) for c in m) else math.nan
+                for k in ("dice", "jaccard", "hd95", "asd")}
+        print(f"{r['case']:<28}" + "".join(f"{m[c]['dice']:>10.4f}" for c in m) * per_class +
+              f"{mean['dice']:>8.4f}{mean['jaccard']:>9.4f}{mean['hd95']:>8.2f}{mean['asd']:>7.2f}")
+    print("-" * len(head))
+    for c in (names if per_class else []):
+        print(f"{c:<6} " + "  ".join(f"{k} {summary[f'{c}_{k}_mean']:.4f} +- {summary[f'{c}_{k}_sd']:.4f}"
+                                     for k in ("dice", "jaccard", "hd95", "asd")))
+    print("mean   " + "  ".join(f"{k} {summary[f'{k}_mean']:.4f} +- {summary[f'{k}_sd']:.4f}"
+                                for k in ("dice", "jaccard", "hd95", "asd")))
+    print(f"cases {summary['cases']}; cases with an empty predicted class {summary['empty_pred']} "
+          f"(scored Dice 0, 95HD 0, ASD 0 as the anchors; 95HD/ASD without them: hd95_strict "
+          f"{summary['hd95_strict_mean']:.4f}, asd_strict {summary['asd_strict_mean']:.4f}); distances in voxels")
+
+
+def write_results(rows, summary, info, cases_csv, summary_csv):
+    with open(cases_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class"] + list(METRICS) + ["empty_pred", "empty_label"])
+        for r in rows:
+            for c, m in r["metrics"].items():
+                w.writerow([r["case"], info.class_names[c - 1]] + [m[k] for k in METRICS] +
+                           [int(m["empty_pred"]), int(m["empty_label"])])
+    with open(summary_csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["key", "value"])
+        w.writerows(summary.items())
