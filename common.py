@@ -402,7 +402,8 @@ def _phantom2d_volume(rng, n_slices):
     r_lv, thick = rng.uniform(9, 14), rng.uniform(3, 5)
     rv_angle = rng.uniform(-0.6, 0.6) + np.pi  # RV sits on the left of the LV
     images, labels = [], []
-    distractors = [([rng.uniform(8, h - 8), rng.uniform(8, w - 8)], rng.uniform(4, 8)) for _ in range(3)]
+    distractors = [([rng.uniform(8, h - 8), rng.uniform(8, w - 8)], rng.uniform(5, 10))
+                   for _ in range(int(rng.integers(4, 7)))]
     for z in range(n_slices):
         scale = 1.0 - 0.5 * z / max(n_slices - 1, 1)  # base to apex
         wobble = _smooth_field(rng, (h, w), 5, 0.12)
@@ -814,8 +815,10 @@ def train_loader(args, info, root, labeled_only=False):
     if not labeled_only and not unlabeled:
         raise ValueError(f"--labeled_num {args.labeled_num} leaves no unlabeled samples in {info.name}")
     sampler = TwoStreamBatchSampler(labeled, unlabeled, batch_size, args.labeled_bs, seed=args.seed)
+    # The loader gets its own generator: creating an iterator (each epoch, and on resume) would
+    # otherwise draw from the global torch RNG and shift dropout masks after a resume.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                        pin_memory=args.device.startswith("cuda"), persistent_workers=False)
+                        pin_memory=args.device.startswith("cuda"), generator=torch.Generator().manual_seed(args.seed))
     return loader, len(labeled), len(unlabeled)
 
 

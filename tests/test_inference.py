@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+import common
+from unet2d import UNet
+from vnet import VNet
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return VNet(dims=3, num_classes=3, n_filters=4).eval()
+
+
+def naive_sliding_window(net, image, patch, stride, num_classes):
+    """One window at a time, written independently of common.sliding_window (protocol §1.5)."""
+    pad = [max(p - s, 0) for s, p in zip(image.shape, patch)]
+    padded = np.pad(image, [(p // 2, p - p // 2) for p in pad])
+    score = np.zeros((num_classes, *padded.shape), np.float64)
+    count = np.zeros(padded.shape)
+    starts = [common.window_starts(s, p, st) for s, p, st in zip(padded.shape, patch, stride)]
+    for x in starts[0]:
+        for y in starts[1]:
+            for z in starts[2]:
+                sl = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+                with torch.no_grad():
+                    p = torch.softmax(net(torch.from_numpy(padded[sl][None, None].copy())), 1)[0].numpy()
+                score[(slice(None), *sl)] += p
+                count[sl] += 1
+    score /= count
+    return score[:, pad[0] // 2:pad[0] // 2 + image.shape[0], pad[1] // 2:pad[1] // 2 + image.shape[1],
+                 pad[2] // 2:pad[2] // 2 + image.shape[2]]
+
+
+def test_window_starts_cover_and_end_flush():
+    assert common.window_starts(175, 112, 18) == [0, 18, 36, 54, 63]
+    assert common.window_starts(88, 80, 4) == [0, 4, 8]
+    assert common.window_starts(112, 112, 18) == [0]
+
+
+@pytest.mark.parametrize("sw_batch_size", [1, 3, 7, 64])
+def test_batched_sliding_window_equals_the_naive_loop(sw_batch_size):
+    net = tiny_net()
+    image = np.random.default_rng(0).standard_normal((37, 30, 13)).astype(np.float32)
+    patch, stride = (16, 16, 16), (7, 9, 4)  # z smaller than the patch: padded
+    predict = common.Predictor([net], "cpu")
+    fast = common.sliding_window(predict, torch.from_numpy(image), patch, stride, 3, sw_batch_size)
+    slow = naive_sliding_window(net, image, patch, stride, 3)
+    assert fast.shape == (3, 37, 30, 13)
+    np.testing.assert_allclose(fast.numpy(), slow, atol=1e-5)
+
+
+def test_sliding_window_equals_whole_volume_when_the_patch_covers_it():
+    net = tiny_net()
+    image = torch.randn(16, 32, 16)
+    predict = common.Predictor([net], "cpu")
+    whole = torch.softmax(net(image[None, None]), 1)[0]
+    window = common.sliding_window(predict, image, (16, 32, 16), (4, 4, 4), 3, sw_batch_size=2)
+    torch.testing.assert_close(window, whole)
+
+
+def test_gaussian_weighting_changes_only_overlaps():
+    net = tiny_net()
+    image = torch.randn(16, 16, 16)
+    predict = common.Predictor([net], "cpu")
+    plain = common.sliding_window(predict, image, (16, 16, 16), (8, 8, 8), 3)
+    gauss = common.sliding_window(predict, image, (16, 16, 16), (8, 8, 8), 3, gaussian=True)
+    torch.testing.assert_close(plain, gauss)  # one window: the weight cancels
+
+
+def test_ensemble_predictor_averages_softmax():
+    a, b = tiny_net(), VNet(dims=3, num_classes=3, n_filters=4).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    expected = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+    torch.testing.assert_close(common.Predictor([a, b], "cpu")(x), expected)
+
+
+def test_predict_slices_zooms_to_the_patch_and_back():
+    torch.manual_seed(0)
+    net = UNet(num_classes=4).eval()
+    volume = np.random.default_rng(1).random((3, 70, 50)).astype(np.float32)
+    predict = common.Predictor([net], "cpu")
+    labels = common.predict_slices(predict, volume, (32, 32), batch_size=2)
+    assert labels.shape == volume.shape and labels.dtype == np.uint8
+    k = 1  # the same slice by hand
+    x = torch.from_numpy(common.zoom_to(volume[k], (32, 32)))[None, None]
+    expected = common.zoom_to(net(x).argmax(1)[0].numpy().astype(np.uint8), (70, 50))
+    assert np.array_equal(labels[k], expected)
+
+
+def test_evaluate_on_a_perfect_predictor():
+    info = common.get_dataset("Phantom3D")
+
+    class Oracle:  # predicts the label of the only case by looking it up: Dice must be 1
+        device, nets = torch.device("cpu"), []
+
+        def __call__(self, x):
+            return torch.nn.functional.one_hot((x[:, 0] > 0).long(), 2).movedim(-1, 1).float()
+    label = np.zeros((20, 20, 12), np.uint8)
+    label[5:15, 5:15, 3:9] = 1
+    image = label.astype(np.float32)
+    rows, summary = common.evaluate(Oracle(), info, [("c", image, label)], (16, 16, 8), (4, 4, 4))
+    assert summary["dice_mean"] == 1.0 and summary["hd95_mean"] == 0.0 and summary["empty_pred"] == 0

@@ -1,0 +1,131 @@
+"""Smoke tests of the training plumbing: train a few iterations on the phantoms, evaluate the
+checkpoint, resume after Ctrl-C, NaN guard, command-line errors. They prove the plumbing, not a method."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+TINY2D = ["--dataset", "Phantom2D", "--patch_size", "32", "32", "--batch_size", "2", "--labeled_bs", "2",
+          "--num_workers", "0"]
+TINY3D = ["--dataset", "Phantom3D", "--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "2",
+          "--num_workers", "0"]
+
+
+def run(script, *args, check=True, **kw):
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_supervised_2d_then_test_2d(tmp_path):
+    run("train_supervised.py", *TINY2D, "--labeled_num", "2", "--max_iterations", "6", "--val_interval", "3",
+        "--model_dir", str(tmp_path))
+    folder = tmp_path / "Phantom2D_run_2_labeled" / "supervised"
+    assert {"args.json", "log.txt", "metrics.csv", "best.pth", "last.pth"} <= {p.name for p in folder.iterdir()}
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["iteration", "lr", "loss", "time"] and "val_dice_LV" in rows[0]
+    assert len(rows) == 7 and rows[3].split(",")[0] == "3" and rows[3].split(",")[4] != ""  # validated at 3
+    ckpt = torch.load(folder / "last.pth", weights_only=False)
+    assert ckpt["iteration"] == 6 and ckpt["dataset"] == "Phantom2D" and ckpt["method"] == "supervised"
+    out = run("test_2d.py", "--ckpt", str(folder / "last.pth"), "--split", "val").stdout
+    assert "patient013_frame01" in out and "LV     dice" in out and "cases 6" in out
+    assert (folder / "last_val_cases.csv").is_file() and (folder / "last_val_summary.csv").is_file()
+    wrong = run("test_3d.py", "--ckpt", str(folder / "last.pth"), check=False)
+    assert wrong.returncode != 0 and "use test_2d.py" in wrong.stderr
+
+
+def test_supervised_3d_then_test_3d_with_nifti(tmp_path):
+    run("train_supervised.py", *TINY3D, "--labeled_num", "2", "--max_iterations", "3", "--model_dir", str(tmp_path))
+    ckpt = tmp_path / "Phantom3D_run_2_labeled" / "supervised" / "last.pth"
+    assert not (ckpt.parent / "best.pth").exists()  # no validation split: the final checkpoint only
+    out = run("test_3d.py", "--ckpt", str(ckpt), "--save_nii", "--sw_batch_size", "8").stdout
+    assert "case016" in out and "cases 4" in out
+    import nibabel as nib
+    pred = nib.load(ckpt.parent / "last_test_nii" / "case016_pred.nii.gz")
+    gt = nib.load(ckpt.parent / "last_test_nii" / "case016_gt.nii.gz")
+    assert pred.shape == gt.shape and len(pred.shape) == 3
+
+
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path):
+    args = [*TINY2D, "--labeled_num", "2", "--max_iterations", "250", "--val_split", "none",
+            "--save_interval", "100000", "--lr_schedule", "poly"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run("train_supervised.py", *args, "--model_dir", str(tmp_path / "a"), env=env)
+    b = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_supervised.py"), *args, "--model_dir", str(b)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = b / "Phantom2D_run_2_labeled" / "supervised" / "log.txt"
+    deadline = time.time() + 120
+    while not (log.exists() and "starting" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped = torch.load(log.parent / "last.pth", weights_only=False)["iteration"]
+    assert 0 < stopped < 250, "the run was not interrupted mid-way; make it longer"
+    run("train_supervised.py", *args, "--model_dir", str(b), "--resume", env=env)
+    wa = torch.load(tmp_path / "a" / log.parent.relative_to(b) / "last.pth", weights_only=False)
+    wb = torch.load(log.parent / "last.pth", weights_only=False)
+    assert wb["iteration"] == 250
+    for k, v in wa["models"]["net"].items():
+        assert torch.equal(v, wb["models"]["net"][k]), k
+    rows = (log.parent / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 251))  # no gap, no duplicate
+
+
+def make_run(tmp_path, extra=()):
+    parser = common.add_common_args(__import__("argparse").ArgumentParser())
+    args = common.parse_args(parser, [*TINY2D, "--labeled_num", "2", "--max_iterations", "10", "--val_split", "none",
+                                      "--model_dir", str(tmp_path), *extra])
+    net = common.default_network(common.get_dataset("Phantom2D"))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    return common.Run(args, "supervised", {"net": net}, {"optimizer": opt})
+
+
+def test_nan_guard_names_the_term_and_keeps_the_last_checkpoint(tmp_path):
+    r = make_run(tmp_path)
+    r.bar = __import__("tqdm").tqdm(disable=True)
+    r.step(0, {"loss": torch.tensor(1.0), "loss_sup": torch.tensor(0.5)})
+    r.save_last()
+    before = (r.dir / "last.pth").read_bytes()
+    with pytest.raises(SystemExit, match=r"loss_sup is nan at iteration 2: stopping\. Nothing was saved"):
+        r.step(1, {"loss": torch.tensor(1.0), "loss_sup": torch.tensor(float("nan"))})
+    with pytest.raises(SystemExit, match="loss is inf at iteration 2"):
+        r.step(1, {"loss": torch.tensor(float("inf"))})
+    assert (r.dir / "last.pth").read_bytes() == before
+
+
+def test_existing_run_needs_resume(tmp_path):
+    r = make_run(tmp_path)
+    r.save_last()
+    with pytest.raises(SystemExit, match="pass --resume"):
+        make_run(tmp_path)
+    with pytest.raises(SystemExit, match="--resume: .* does not exist"):
+        make_run(tmp_path / "other", ["--resume"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--labeled_num", "50"], "--labeled_num 50 is more than the 12 patients"),
+    (["--labeled_num", "two"], "--labeled_num must be a number or 'all'"),
+    (["--patch_size", "32"], "--patch_size needs 2 numbers"),
+    (["--amp"], "--amp needs a CUDA device"),
+    (["--dataset", "Nope"], "--dataset 'Nope' is unknown"),
+    (["--root_path", "/nonexistent/ACDC", "--dataset", "ACDC"], "data root /nonexistent/ACDC for --dataset ACDC does not exist"),
+])
+def test_cli_errors(tmp_path, extra, message):
+    args = [*TINY2D, "--max_iterations", "1", "--model_dir", str(tmp_path), *extra]
+    if "--device" not in args and "--amp" in extra:
+        args += ["--device", "cpu"]
+    proc = run("train_supervised.py", *args, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
