@@ -1,35 +1,21 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import common
+from conftest import REPO
 from unet2d import UNet
 from vnet import VNet
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from sliding_window_speed import naive_sliding_window  # noqa: E402  (the anchors' loop, written plainly)
 
 
 def tiny_net():
     torch.manual_seed(0)
     return VNet(dims=3, num_classes=3, n_filters=4).eval()
-
-
-def naive_sliding_window(net, image, patch, stride, num_classes):
-    """One window at a time, written independently of common.sliding_window (protocol §1.5)."""
-    pad = [max(p - s, 0) for s, p in zip(image.shape, patch)]
-    padded = np.pad(image, [(p // 2, p - p // 2) for p in pad])
-    score = np.zeros((num_classes, *padded.shape), np.float64)
-    count = np.zeros(padded.shape)
-    starts = [common.window_starts(s, p, st) for s, p, st in zip(padded.shape, patch, stride)]
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                sl = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
-                with torch.no_grad():
-                    p = torch.softmax(net(torch.from_numpy(padded[sl][None, None].copy())), 1)[0].numpy()
-                score[(slice(None), *sl)] += p
-                count[sl] += 1
-    score /= count
-    return score[:, pad[0] // 2:pad[0] // 2 + image.shape[0], pad[1] // 2:pad[1] // 2 + image.shape[1],
-                 pad[2] // 2:pad[2] // 2 + image.shape[2]]
 
 
 def test_window_starts_cover_and_end_flush():
