@@ -394,7 +394,7 @@ class Run:
         self.dir = Path(args.model_dir) / f"{args.dataset}_{args.exp}_{args.labeled_num}_labeled" / method
         self.dir.mkdir(parents=True, exist_ok=True)
         self.iteration, self.best, self.best_iteration, self._stop = 0, -1.0, None, False
-        self._elapsed0, self._last_saved = 0.0, "never"
+        self._elapsed0, self._last_saved, self._validated_at = 0.0, "never", None
         if (self.dir / "last.pth").exists() and not args.resume:
             raise SystemExit(f"{self.dir / 'last.pth'} exists: pass --resume to continue that run, or choose "
                              f"another --exp to start a new one")
@@ -470,6 +470,7 @@ class Run:
         return opt.param_groups[0]["lr"] if opt is not None else math.nan
 
     def validate(self):
+        self._validated_at = self.iteration
         was_training = {k: m.training for k, m in self.models.items()}
         rows, summary = evaluate(self.predictor, self.info, self.val_cases, self.args.patch_size,
                                  sw_batch_size=self.args.sw_batch_size, distances=False)
@@ -554,7 +555,7 @@ class Run:
         self.save_last()
         msg = f"finished at iteration {self.iteration}; final checkpoint {self.dir / 'last.pth'}"
         if self.val_cases:
-            if self.iteration % self.args.val_interval != 0:
+            if self._validated_at != self.iteration:
                 self.validate()
             msg += f"; best val Dice {self.best:.4f} at iteration {self.best_iteration} ({self.dir / 'best.pth'})"
         self.log(msg)
