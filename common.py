@@ -634,6 +634,8 @@ def test_main(dims, argv=None):
     rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], a.stride, a.sw_batch_size,
                              progress=True, on_case=save)
     seconds = time.time() - t0
+    summary = {"checkpoint": str(ckpt_path), "iteration": ckpt["iteration"], "split": split,
+               "eval_seconds": round(seconds, 1), **summary}
     print_results(rows, summary, info, f"{ckpt['method']} on {info.name} {split}, {ckpt_path} "
                   f"(iteration {ckpt['iteration']}), {seconds:.1f} s")
     write_results(rows, summary, info, ckpt_path.parent / f"{stem}_cases.csv", ckpt_path.parent / f"{stem}_summary.csv")

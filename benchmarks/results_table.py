@@ -30,7 +30,7 @@ def row(folder, ckpt, split):
     seconds = float(last["time"])
     return (f"| {folder.name} | {args['dataset']} {split} | {args['labeled_num']} | {args['seed']} | "
             f"{fmt('dice', 100)} | {fmt('jaccard', 100)} | {fmt('hd95', 1)} | {fmt('asd', 1)} | {per_class} | "
-            f"{ckpt}.pth (iteration {last['iteration']}) | {seconds / 60:.1f} min | "
+            f"{ckpt}.pth (iteration {s['iteration']}) | {seconds / 60:.1f} min | "
             f"{seconds / int(last['iteration']):.3f} | {s['empty_pred']} |")
 
 
