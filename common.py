@@ -358,13 +358,23 @@ def train_loader(args, info, root, labeled_only=False):
     unlabeled = [] if labeled_only else sorted(set(range(len(dataset))) - set(labeled))
     batch_size = args.labeled_bs if labeled_only else args.batch_size
     if not labeled_only and not unlabeled:
-        raise ValueError(f"--labeled_num {args.labeled_num} leaves no unlabeled samples in {info.name}")
+        raise DataError(f"--labeled_num {args.labeled_num} leaves no unlabeled samples in {info.name}")
     sampler = TwoStreamBatchSampler(labeled, unlabeled, batch_size, args.labeled_bs, seed=args.seed)
     # The loader gets its own generator: creating an iterator (each epoch, and on resume) would
     # otherwise draw from the global torch RNG and shift dropout masks after a resume.
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                         pin_memory=args.device.startswith("cuda"), generator=torch.Generator().manual_seed(args.seed))
     return loader, len(labeled), len(unlabeled)
+
+
+def cli(main):
+    """Run a script's main(); a DataError (a user mistake about data or flags) ends it with its
+    one-line message and exit status 2 instead of a traceback."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def atomic_save(obj, path):

@@ -86,8 +86,9 @@ def get_dataset(name):
 # =============================================================================================
 # 2. Reading
 # =============================================================================================
-class DataError(Exception):
-    """A problem with the data on disk; the message names the file."""
+class DataError(ValueError):
+    """A problem with the data or with the flags that select it; the message names the file or flag.
+    Scripts run under common.cli(), which prints it as one line instead of a traceback."""
 
 
 def resolve_root(info, root_path=None):
@@ -282,11 +283,11 @@ class TwoStreamBatchSampler(Sampler):
         self.labeled, self.unlabeled = list(labeled_indices), list(unlabeled_indices)
         self.labeled_bs, self.unlabeled_bs = labeled_bs, batch_size - labeled_bs
         if labeled_bs < 1 or self.unlabeled_bs < 0:
-            raise ValueError(f"need 1 <= --labeled_bs <= --batch_size, got {labeled_bs} and {batch_size}")
+            raise DataError(f"need 1 <= --labeled_bs <= --batch_size, got {labeled_bs} and {batch_size}")
         if len(self.labeled) < labeled_bs:
-            raise ValueError(f"{len(self.labeled)} labeled samples cannot fill --labeled_bs {labeled_bs}")
+            raise DataError(f"{len(self.labeled)} labeled samples cannot fill --labeled_bs {labeled_bs}")
         if self.unlabeled_bs and len(self.unlabeled) < self.unlabeled_bs:
-            raise ValueError(f"{len(self.unlabeled)} unlabeled samples cannot fill "
+            raise DataError(f"{len(self.unlabeled)} unlabeled samples cannot fill "
                              f"{self.unlabeled_bs} unlabeled slots per batch")
         self.seed, self.epoch, self.skip = seed, 0, 0
 
@@ -322,12 +323,12 @@ def labeled_indices(info, names, labeled_num):
     if info.labeled_unit == "patients":
         patients = list(dict.fromkeys(patient_of(n) for n in names))
         if labeled_num > len(patients):
-            raise ValueError(f"--labeled_num {labeled_num} is more than the {len(patients)} patients "
+            raise DataError(f"--labeled_num {labeled_num} is more than the {len(patients)} patients "
                              f"in the {info.name} training list")
         chosen = set(patients[:labeled_num])
         return [i for i, n in enumerate(names) if patient_of(n) in chosen]
     if labeled_num > len(names):
-        raise ValueError(f"--labeled_num {labeled_num} is more than the {len(names)} cases "
+        raise DataError(f"--labeled_num {labeled_num} is more than the {len(names)} cases "
                          f"in the {info.name} training list")
     return list(range(labeled_num))
 

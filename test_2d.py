@@ -10,4 +10,4 @@ records its data set, data root, patch and network, so --ckpt is the only flag n
 import common
 
 if __name__ == "__main__":
-    common.test_main(dims=2)
+    common.cli(lambda: common.test_main(dims=2))

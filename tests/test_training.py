@@ -129,3 +129,4 @@ def test_cli_errors(tmp_path, extra, message):
         args += ["--device", "cpu"]
     proc = run("train_supervised.py", *args, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr  # a user mistake gets a message, not a stack trace
