@@ -295,7 +295,7 @@ def parse_args(parser, argv=None, defaults=None):
     defaults = defaults or {}
     if args.dataset is None:
         args.dataset = defaults.get("*", {}).get("dataset", "ACDC")
-    info = get_dataset(args.dataset)
+    info = get_dataset(args.dataset, args.root_path)
     registry = dict(labeled_num=info.labeled_num, max_iterations=info.max_iterations, batch_size=info.batch_size,
                     labeled_bs=info.labeled_bs, base_lr=0.01, lr_schedule="poly", patch_size=info.patch_size,
                     val_split=info.val_split or "none")
@@ -354,7 +354,7 @@ def train_loader(args, info, root, labeled_only=False):
     """DataLoader over the training list with the two-stream sampler; returns (loader, n_labeled,
     n_unlabeled). labeled_only: batches of --labeled_bs labeled samples (supervised baseline)."""
     dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size))
-    labeled = labeled_indices(info, dataset.names, args.labeled_num)
+    labeled = labeled_indices(info, dataset.names, args.labeled_num, dataset.has_label)
     unlabeled = [] if labeled_only else sorted(set(range(len(dataset))) - set(labeled))
     batch_size = args.labeled_bs if labeled_only else args.batch_size
     if not labeled_only and not unlabeled:
@@ -398,7 +398,7 @@ class Run:
     writes last.pth and exits; a second one aborts at once."""
 
     def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None):
-        self.args, self.method, self.info = args, method, get_dataset(args.dataset)
+        self.args, self.method, self.info = args, method, get_dataset(args.dataset, args.root_path)
         self.models, self.optimizers, self.state = models, optimizers, state if state is not None else {}
         self.eval_models = list(eval_models)
         self.dir = Path(args.model_dir) / f"{args.dataset}_{args.exp}_{args.labeled_num}_labeled" / method
@@ -623,11 +623,12 @@ def test_main(dims, argv=None):
         p.error("--amp needs a CUDA device")
     predictor, ckpt = load_checkpoint(a.ckpt, device)
     predictor.amp = a.amp
-    info = get_dataset(ckpt["dataset"])
+    root_path = a.root_path or ckpt["args"].get("root_path")
+    info = get_dataset(ckpt["dataset"], root_path)
     if info.dims != dims:
         raise SystemExit(f"--ckpt {a.ckpt} is a {info.dims}D {info.name} checkpoint: use test_{info.dims}d.py")
     split = a.split or ("test" if "test" in info.lists else info.val_split)
-    root = resolve_root(info, a.root_path or ckpt["args"].get("root_path"))
+    root = resolve_root(info, root_path)
     cases = load_cases(info, root, split, progress=True)
     ckpt_path = Path(a.ckpt)
     stem = f"{ckpt_path.stem}_{split}"

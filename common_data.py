@@ -1,6 +1,7 @@
 """Sections 1-5 of the shared code (DESIGN.md): data set registry, reading, transforms, sampling,
 phantoms. Scripts import them through `common` (which re-exports everything here); conventions
 and sources: ../shared/reference/data_and_protocol.md, cited as "protocol §n"."""
+import json
 import math
 import os
 import sys
@@ -30,7 +31,8 @@ class DatasetInfo:
     lists: dict                    # split -> list file, relative to the root
     patch_size: tuple
     stride: tuple = None           # 3D sliding-window stride
-    labeled_unit: str = "cases"    # what --labeled_num counts: "cases" or "patients" (ACDC)
+    labeled_unit: str = "cases"    # what --labeled_num counts: "cases" (files), or slices grouped by
+                                   # "patients" (ACDC: both frames) or "volumes" (Custom 2D)
     labeled_num: int = 8           # default --labeled_num
     val_split: str = None          # split used for model selection during training (None: none)
     network: str = "VNet"          # default segmentation network of the field for this data set
@@ -39,6 +41,7 @@ class DatasetInfo:
     max_iterations: int = 15000
     how_to_get: str = ""
     phantom: bool = False
+    unlabeled_cases: bool = False  # training cases may have no label (Custom data from prepare_data.py)
 
     @property
     def default_root(self):
@@ -77,10 +80,35 @@ DATASETS = {d.name: d for d in [
 ]}
 
 
-def get_dataset(name):
+def get_dataset(name, root_path=None):
+    """The registry entry; for --dataset Custom, built from the dataset.json in --root_path."""
+    if name == "Custom":
+        return custom_dataset(root_path)
     if name not in DATASETS:
-        raise SystemExit(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}, Custom")
     return DATASETS[name]
+
+
+def custom_dataset(root_path):
+    """Registry entry of a data set written by prepare_data.py, from its dataset.json: dims, classes,
+    patch and stride; the field's network and batch for its dims (V-Net 2+2 in 3D, U-Net 12+12 in 2D)."""
+    if root_path is None:
+        raise DataError("--dataset Custom needs --root_path DIR, a folder written by prepare_data.py")
+    record_path = Path(root_path) / "dataset.json"
+    if not record_path.is_file():
+        raise DataError(f"{record_path} not found: --dataset Custom reads the record prepare_data.py writes "
+                        f"(python prepare_data.py --input NIFTI_DIR --output {root_path})")
+    r = json.loads(record_path.read_text())
+    dims = r["dims"]
+    return DatasetInfo(
+        name="Custom", dims=dims, num_classes=r["num_classes"], class_names=tuple(r["class_names"]),
+        layout="custom" if dims == 3 else "acdc",
+        lists={"train": "train.list" if dims == 3 else "train_slices.list", "val": "val.list", "test": "test.list"},
+        patch_size=tuple(r["patch_size"]), stride=tuple(r["stride"]) if r.get("stride") else None,
+        labeled_unit="cases" if dims == 3 else "volumes", labeled_num=max(1, r["counts"]["labeled_train"]),
+        val_split="val" if r["counts"]["val"] else None, network="VNet" if dims == 3 else "UNet",
+        batch_size=4 if dims == 3 else 24, labeled_bs=2 if dims == 3 else 12, max_iterations=6000,
+        how_to_get="a folder written by prepare_data.py", unlabeled_cases=True)
 
 
 # =============================================================================================
@@ -121,6 +149,8 @@ def case_path(info, root, name, split):
         return root / "2018LA_Seg_Training Set" / name / "mri_norm2.h5"
     if info.layout == "pancreas":
         return root / "Pancreas_h5" / f"{name}_norm.h5"
+    if info.layout == "custom":
+        return root / f"{name}.h5"
     if info.layout == "brats":
         return root / "data" / f"{name}.h5"
     if info.layout == "acdc":  # training slices in data/slices/, or flat in data/ in some copies
@@ -130,17 +160,22 @@ def case_path(info, root, name, split):
     raise ValueError(f"unknown layout {info.layout!r}")
 
 
-def read_case(path, num_classes, ndim):
-    """Read and validate one h5 case: float32 image and uint8 label of the same shape."""
+def read_case(path, num_classes, ndim, require_label=True):
+    """Read and validate one h5 case: float32 image and uint8 label of the same shape. With
+    require_label=False a file holding only `image` is an unlabeled case: label None."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (named in the list file)")
     with h5py.File(path, "r") as f:
-        missing = [k for k in ("image", "label") if k not in f]
+        missing = [k for k in ("image", "label") if k not in f and (k == "image" or require_label)]
         if missing:
             raise DataError(f"{path}: no {' or '.join(missing)} dataset (keys: {list(f.keys())})")
         image = f["image"][...].astype(np.float32)
-        label = f["label"][...]
+        label = f["label"][...] if "label" in f else None
+    if label is None:
+        if image.ndim != ndim:
+            raise DataError(f"{path}: expected a {ndim}D array, got shape {image.shape}")
+        return image, None
     if image.shape != label.shape:
         raise DataError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
     if image.ndim != ndim:
@@ -155,8 +190,9 @@ def load_cases(info, root, split, names=None, progress=False):
     """[(name, image, label)] for a split; 2D data sets' val/test cases are (slices, H, W) volumes."""
     names = names or read_list(info, root, split)
     ndim = 2 if (info.dims == 2 and split == "train") else 3
+    unlabeled_ok = info.unlabeled_cases and split == "train"  # val/test cases always need labels
     it = tqdm(names, desc=f"reading {info.name} {split}", leave=False) if progress else names
-    return [(n, *read_case(case_path(info, root, n, split), info.num_classes, ndim)) for n in it]
+    return [(n, *read_case(case_path(info, root, n, split), info.num_classes, ndim, not unlabeled_ok)) for n in it]
 
 
 class SegDataset(Dataset):
@@ -171,6 +207,7 @@ class SegDataset(Dataset):
         self.info, self.transform = info, transform
         self.cases = load_cases(info, root, split, names, progress=True)
         self.names = [c[0] for c in self.cases]
+        self.has_label = [c[2] is not None for c in self.cases]
 
     def __len__(self):
         return len(self.cases)
@@ -178,11 +215,14 @@ class SegDataset(Dataset):
     def __getitem__(self, index):
         index, seed = index if isinstance(index, tuple) else (index, None)
         _, image, label = self.cases[index]
+        labeled = label is not None
+        if not labeled:  # an unlabeled case: transform a dummy label, hand out -1 (never a class)
+            label = np.zeros(image.shape, np.uint8)
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
+        label = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
         return {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-                "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
-                "index": index}
+                "label": label if labeled else torch.full_like(label, -1), "index": index}
 
 
 # =============================================================================================
@@ -311,26 +351,32 @@ class TwoStreamBatchSampler(Sampler):
 
 
 def patient_of(slice_name):
-    """'patient099_frame01_slice_15' -> 'patient099' (both frames of a patient count as one)."""
-    return slice_name.split("_frame")[0]
+    """'patient099_frame01_slice_15' -> 'patient099' (both frames of a patient count as one);
+    '<case>_slice_3' -> '<case>' for data written by prepare_data.py."""
+    if "_frame" in slice_name:
+        return slice_name.split("_frame")[0]
+    return slice_name.rsplit("_slice_", 1)[0]
 
 
-def labeled_indices(info, names, labeled_num):
+def labeled_indices(info, names, labeled_num, has_label=None):
     """Indices of the labeled training samples: the first labeled_num cases (3D), or every slice of
-    the first labeled_num patients in list order (2D: ACDC 3/7/14 patients -> 68/136/256 slices)."""
+    the first labeled_num patients in list order (2D: ACDC 3/7/14 patients -> 68/136/256 slices).
+    has_label[i] False marks a case without a label: it is never counted or chosen."""
+    candidates = [i for i in range(len(names)) if has_label is None or has_label[i]]
+    kind = "labeled " if has_label is not None and len(candidates) < len(names) else ""
     if labeled_num == "all":
-        return list(range(len(names)))
-    if info.labeled_unit == "patients":
-        patients = list(dict.fromkeys(patient_of(n) for n in names))
+        return candidates
+    if info.labeled_unit in ("patients", "volumes"):
+        patients = list(dict.fromkeys(patient_of(names[i]) for i in candidates))
         if labeled_num > len(patients):
-            raise DataError(f"--labeled_num {labeled_num} is more than the {len(patients)} patients "
-                             f"in the {info.name} training list")
+            raise DataError(f"--labeled_num {labeled_num} is more than the {len(patients)} {kind}{info.labeled_unit} "
+                            f"in the {info.name} training list")
         chosen = set(patients[:labeled_num])
-        return [i for i, n in enumerate(names) if patient_of(n) in chosen]
-    if labeled_num > len(names):
-        raise DataError(f"--labeled_num {labeled_num} is more than the {len(names)} cases "
-                         f"in the {info.name} training list")
-    return list(range(labeled_num))
+        return [i for i in candidates if patient_of(names[i]) in chosen]
+    if labeled_num > len(candidates):
+        raise DataError(f"--labeled_num {labeled_num} is more than the {len(candidates)} {kind}cases "
+                        f"in the {info.name} training list")
+    return candidates[:labeled_num]
 
 
 # =============================================================================================
@@ -352,7 +398,7 @@ def _blob(grid, center, radii, wobble):
     return np.sqrt(r2) < 1.0 + wobble
 
 
-def _phantom3d_case(rng):
+def phantom3d_case(rng):
     """Binary 'atrium': a deformed ellipsoid with a thin dark wall, among bright distractors of the
     same intensity range (round blobs and a tube), on a textured background, with a smooth
     multiplicative bias field and noise; z-scored like the LA files."""
@@ -380,7 +426,7 @@ def _phantom3d_case(rng):
     return image.astype(np.float32), target.astype(np.uint8)
 
 
-def _phantom2d_volume(rng, n_slices):
+def phantom2d_volume(rng, n_slices):
     """Cardiac-like 4-class volume: LV disk (3) inside a myocardial ring (2), an RV crescent (1)
     beside it, shrinking towards the apex; bright distractors and a dark ring distractor; bias
     field and noise; min-max to [0, 1] per volume like the ACDC files."""
@@ -433,7 +479,7 @@ def generate_phantom(info, root, seed=2024):
     if info.dims == 3:  # LA layout: 16 training and 4 test cases
         names = [f"case{i:03d}" for i in range(20)]
         for n in names:
-            _write_h5(case_path(info, root, n, "train"), *_phantom3d_case(rng))
+            _write_h5(case_path(info, root, n, "train"), *phantom3d_case(rng))
         lists = {"train.list": names[:16], "test.list": names[16:]}
     else:  # ACDC layout: 12 training patients as slices, 3 val and 3 test patients as volumes
         train_vols, slices, vols = [], [], {"val.list": [], "test.list": []}
@@ -442,7 +488,7 @@ def generate_phantom(info, root, seed=2024):
             n_slices = int(rng.integers(6, 11))
             for frame in (1, 2):
                 name = f"patient{p + 1:03d}_frame{frame:02d}"
-                image, label = _phantom2d_volume(rng, n_slices)
+                image, label = phantom2d_volume(rng, n_slices)
                 if split == "train.list":
                     train_vols.append(name)
                     for k in range(n_slices):  # slice numbers count from 1, as the ACDC lists

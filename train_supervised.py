@@ -25,7 +25,7 @@ def main(argv=None):
     parser = common.add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     args = common.parse_args(parser, argv, defaults={"*": {"dataset": "ACDC"}})
     common.seed_everything(args.seed, args.deterministic)
-    info = common.get_dataset(args.dataset)
+    info = common.get_dataset(args.dataset, args.root_path)
     root = common.resolve_root(info, args.root_path)
 
     loader, n_labeled, _ = common.train_loader(args, info, root, labeled_only=True)
