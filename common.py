@@ -32,18 +32,20 @@ from common_data import REPO
 # =============================================================================================
 # 6. Losses and schedules (generic only)
 # =============================================================================================
-def dice_loss(probs, target, smooth=1e-5):
+def dice_loss(probs, target, smooth=1e-5, weight=None):
     """Soft Dice loss averaged over classes, background included (SSL4MIS `DiceLoss`).
 
     probs: (B, C, *spatial) probabilities; target: (B, *spatial) integer labels or (B, C, *spatial)
-    soft/one-hot targets. Per class c: 1 - (2 sum p_c t_c + s) / (sum p_c^2 + sum t_c^2 + s), sums over
-    the whole batch.
+    soft/one-hot targets; weight: optional (B, *spatial) per-voxel weights m (UniMatch's Dice with an
+    ignore mask is the 0/1 case). Per class c:
+    1 - (2 sum m p_c t_c + s) / (sum m p_c^2 + sum m t_c^2 + s), sums over the whole batch.
     """
     if target.dim() == probs.dim() - 1:
         target = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+    m = 1.0 if weight is None else weight.unsqueeze(1)
     dims = [0] + list(range(2, probs.dim()))
-    intersect = (probs * target).sum(dims)
-    denom = (probs * probs).sum(dims) + (target * target).sum(dims)
+    intersect = (m * probs * target).sum(dims)
+    denom = (m * probs * probs).sum(dims) + (m * target * target).sum(dims)
     return (1.0 - (2 * intersect + smooth) / (denom + smooth)).mean()
 
 
@@ -77,6 +79,82 @@ def lr_at(schedule, base_lr, iteration, max_iterations):
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# ---- image-level strong perturbations of a batch (UniMatch style), for weak-to-strong methods ----
+def cutmix_box(spatial, p=0.5, area=(0.02, 0.4), ratio=(0.3, 1 / 0.3), generator=None):
+    """0/1 mask of one random box (UniMatch `obtain_cutmix_box`, in 2D or 3D): with probability p a box
+    of area (volume) fraction U(area) and aspect ratio U(ratio) between its first two sides, fully
+    inside; in 3D the box spans the same fraction of the depth as the square root of the area fraction
+    (a reconstruction: UniMatch is 2D only). Otherwise all zeros."""
+    box = torch.zeros(spatial)
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=generator).item()  # noqa: E731
+    if torch.rand((), generator=generator).item() > p:
+        return box
+    for _ in range(100):
+        frac, r = u(*area), u(*ratio)
+        if len(spatial) == 3:
+            depth = max(1, int(round(spatial[2] * math.sqrt(frac))))
+            frac = frac * spatial[2] / depth  # the in-plane fraction that gives the volume fraction
+        h = int(math.sqrt(frac * spatial[0] * spatial[1] * r))
+        w = int(math.sqrt(frac * spatial[0] * spatial[1] / r))
+        if 0 < h <= spatial[0] and 0 < w <= spatial[1]:
+            break
+    y0 = int(torch.randint(0, spatial[0] - h + 1, (), generator=generator))
+    x0 = int(torch.randint(0, spatial[1] - w + 1, (), generator=generator))
+    if len(spatial) == 3:
+        z0 = int(torch.randint(0, spatial[2] - depth + 1, (), generator=generator))
+        box[y0:y0 + h, x0:x0 + w, z0:z0 + depth] = 1
+    else:
+        box[y0:y0 + h, x0:x0 + w] = 1
+    return box
+
+
+def _gaussian_blur(x, sigma):
+    """Separable Gaussian blur of one (C, *spatial) image, radius 3 sigma, reflect padding."""
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()
+    dims = x.dim() - 1
+    conv = F.conv2d if dims == 2 else F.conv3d
+    out = x[None]
+    for axis in range(dims):
+        shape = [1, 1] + [k.numel() if a == axis else 1 for a in range(dims)]
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = r
+        out = conv(F.pad(out.movedim(1, 0), pad, mode="reflect"), k.view(shape)).movedim(0, 1)
+    return out[0]
+
+
+@torch.no_grad()
+def strong_augment(x, generator=None):
+    """Intensity perturbations of each image of a (B, 1, *spatial) batch, independently:
+    2D (UniMatch ACDC): brightness and contrast jitter by factors U(0.5, 1.5) with p 0.8 (ColorJitter
+    on a grey image), Gaussian blur sigma U(0.1, 2) with p 0.5, values clipped to [0, 1];
+    3D (a reconstruction for z-scored volumes): gamma-like contrast scaling around the mean by
+    U(0.7, 1.5) with p 0.8, Gaussian noise sigma 0.1 clipped to +-0.2 with p 0.5, blur with p 0.5."""
+    out = x.clone()
+    rand = lambda: torch.rand((), generator=generator).item()  # noqa: E731
+    for i in range(len(out)):
+        img = out[i]
+        if img.dim() == 3:  # (1, H, W)
+            if rand() < 0.8:
+                img = img * (0.5 + rand())
+                mean = img.mean()
+                img = (img - mean) * (0.5 + rand()) + mean
+            if rand() < 0.5:
+                img = _gaussian_blur(img, 0.1 + 1.9 * rand())
+            img = img.clamp(0, 1)
+        else:
+            if rand() < 0.8:
+                mean = img.mean()
+                img = (img - mean) * (0.7 + 0.8 * rand()) + mean
+            if rand() < 0.5:
+                img = img + (0.1 * torch.randn(img.shape, generator=generator).to(img)).clamp(-0.2, 0.2)
+            if rand() < 0.5:
+                img = _gaussian_blur(img, 0.1 + 1.9 * rand())
+        out[i] = img
+    return out
 
 
 @torch.no_grad()
