@@ -14,7 +14,7 @@ import common
 
 REPO = Path(__file__).resolve().parents[1]
 TINY2D = ["--dataset", "Phantom2D", "--patch_size", "32", "32", "--batch_size", "2", "--labeled_bs", "2",
-          "--num_workers", "0"]
+          "--num_workers", "0"]  # a later --batch_size overrides (argparse keeps the last)
 TINY3D = ["--dataset", "Phantom3D", "--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "2",
           "--num_workers", "0"]
 
@@ -56,15 +56,17 @@ def test_supervised_3d_then_test_3d_with_nifti(tmp_path):
     assert pred.shape == gt.shape and len(pred.shape) == 3
 
 
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path):
-    args = [*TINY2D, "--labeled_num", "2", "--max_iterations", "250", "--val_split", "none",
+@pytest.mark.parametrize("script,method,batch,n", [("train_supervised.py", "supervised", ["--batch_size", "2"], 250),
+                                                    ("train_cifp.py", "cifp", ["--batch_size", "4"], 100)])
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method, batch, n):
+    args = [*TINY2D, *batch, "--labeled_num", "2", "--max_iterations", str(n), "--val_split", "none",
             "--save_interval", "100000", "--lr_schedule", "poly"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run("train_supervised.py", *args, "--model_dir", str(tmp_path / "a"), env=env)
+    run(script, *args, "--model_dir", str(tmp_path / "a"), env=env)
     b = tmp_path / "b"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_supervised.py"), *args, "--model_dir", str(b)],
+    proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--model_dir", str(b)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = b / "Phantom2D_run_2_labeled" / "supervised" / "log.txt"
+    log = b / "Phantom2D_run_2_labeled" / method / "log.txt"
     deadline = time.time() + 120
     while not (log.exists() and "starting" in log.read_text()) and time.time() < deadline:
         time.sleep(0.05)
@@ -73,15 +75,15 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     stopped = torch.load(log.parent / "last.pth", weights_only=False)["iteration"]
-    assert 0 < stopped < 250, "the run was not interrupted mid-way; make it longer"
-    run("train_supervised.py", *args, "--model_dir", str(b), "--resume", env=env)
+    assert 0 < stopped < n, "the run was not interrupted mid-way; make it longer"
+    run(script, *args, "--model_dir", str(b), "--resume", env=env)
     wa = torch.load(tmp_path / "a" / log.parent.relative_to(b) / "last.pth", weights_only=False)
     wb = torch.load(log.parent / "last.pth", weights_only=False)
-    assert wb["iteration"] == 250
+    assert wb["iteration"] == n
     for k, v in wa["models"]["net"].items():
         assert torch.equal(v, wb["models"]["net"][k]), k
     rows = (log.parent / "metrics.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 251))  # no gap, no duplicate
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, n + 1))  # no gap, no duplicate
 
 
 def make_run(tmp_path, extra=()):
