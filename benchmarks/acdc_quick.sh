@@ -3,9 +3,10 @@
 # under. 2D U-Net, patch 128x128, 2,000 iterations, batch 8 with 4 labeled (the supervised baseline
 # sees the 4 labeled only), SGD 0.01 with poly decay, seed 1337, labeled_num 3 and 7 patients
 # (and all 70 as the upper bound), validation every 200 iterations, evaluation of the FINAL
-# checkpoint (last.pth) on the 20 ACDC validation volumes.
+# checkpoint (last.pth) on the 20 ACDC validation volumes. Method scripts keep their own losses and
+# weights; only the data, network size, batch, schedule and run length are set here.
 #
-#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC
+#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC supervised cifp
 #
 # Results: model/ACDC_quick_<n>_labeled/<method>/last_val_summary.csv (and _cases.csv, log.txt, metrics.csv).
 set -euo pipefail
