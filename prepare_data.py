@@ -261,11 +261,29 @@ def main(argv=None):
     if len(patch) != a.dims:
         p.error(f"--patch_size needs {a.dims} numbers")
 
+    split = {"train": train_l, "unlabeled": unlabeled, "val": val, "test": test}
+    record = {
+        "name": out.name, "created_by": "prepare_data.py", "dims": a.dims, "num_classes": n_classes,
+        "class_names": class_names, "label_mapping": {str(k): v for k, v in mapping.items()},
+        "modality": a.modality, "ct_window": a.ct_window,
+        "normalisation": "min-max to [0, 1] per volume" if a.dims == 2 else
+        ("clip to ct_window, then z-score per volume" if a.modality == "CT" else "z-score per volume"),
+        "spacing": a.spacing or "unchanged", "patch_size": patch,
+        "stride": [max(1, q // 2) for q in patch] if a.dims == 3 else None,
+        "seed": a.seed, "val_fraction": a.val_fraction, "test_fraction": test_fraction,
+        "counts": {"labeled_train": len(train_l), "unlabeled": len(unlabeled), "val": len(val), "test": len(test)},
+        "split": split,
+        "cases": {c: {"shape": list(converted[c][0].shape), "source_spacing": all_cases[c]["spacing"],
+                      "source": all_cases[c]["source"], "labeled": converted[c][1] is not None,
+                      "label_counts": None if converted[c][1] is None else
+                      np.bincount(converted[c][1].ravel(), minlength=n_classes).tolist()}
+                  for c in sorted(converted)},
+        "args": vars(a),
+    }
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        record = write_dataset(tmp, a, converted, train_l, unlabeled, val, test, patch, n_classes, class_names,
-                               mapping, test_fraction, all_cases)
+        write_dataset(tmp, record, converted)
     except BaseException:  # Ctrl-C or a full disk: leave nothing half-written behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -273,15 +291,16 @@ def main(argv=None):
         shutil.rmtree(out)  # --overwrite (checked above)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.rename(tmp, out)
-    print_summary(record, mapping, class_names, train_l, unlabeled, val, test, out, patch, time.time() - t0)
+    print_summary(record, out, time.time() - t0)
 
 
-def write_dataset(tmp, a, converted, train_l, unlabeled, val, test, patch, n_classes, class_names, mapping,
-                  test_fraction, all_cases):
-    train_order = train_l + unlabeled
-    lists = {"labeled.list": train_l, "unlabeled.list": unlabeled, "train.list": train_order,
-             "val.list": val, "test.list": test}
-    if a.dims == 3:
+def write_dataset(tmp, record, converted):
+    """h5 files, list files and dataset.json into tmp (3D: <case>.h5; 2D: the ACDC layout)."""
+    split = record["split"]
+    train_order = split["train"] + split["unlabeled"]
+    lists = {"labeled.list": split["train"], "unlabeled.list": split["unlabeled"], "train.list": train_order,
+             "val.list": split["val"], "test.list": split["test"]}
+    if record["dims"] == 3:
         for case, (image, label) in converted.items():
             write_h5(tmp / f"{case}.h5", image, label)
     else:
@@ -292,44 +311,27 @@ def write_dataset(tmp, a, converted, train_l, unlabeled, val, test, patch, n_cla
                 slices.append(f"{case}_slice_{k + 1}")
                 write_h5(tmp / "data" / "slices" / f"{slices[-1]}.h5", image[:, :, k],
                          None if label is None else label[:, :, k])
-        for case in val + test:
+        for case in split["val"] + split["test"]:
             image, label = converted[case]
             write_h5(tmp / "data" / f"{case}.h5", np.moveaxis(image, 2, 0), np.moveaxis(label, 2, 0))
         lists["train_slices.list"] = slices
     for name, entries in lists.items():
         (tmp / name).write_text("".join(f"{e}\n" for e in entries))
-    record = {
-        "name": Path(a.output).name, "created_by": "prepare_data.py", "dims": a.dims, "num_classes": n_classes,
-        "class_names": class_names, "label_mapping": {str(k): v for k, v in mapping.items()},
-        "modality": a.modality, "ct_window": a.ct_window,
-        "normalisation": "min-max to [0, 1] per volume" if a.dims == 2 else
-        ("clip to ct_window, then z-score per volume" if a.modality == "CT" else "z-score per volume"),
-        "spacing": a.spacing or "unchanged", "patch_size": patch,
-        "stride": [max(1, q // 2) for q in patch] if a.dims == 3 else None,
-        "seed": a.seed, "val_fraction": a.val_fraction, "test_fraction": test_fraction,
-        "counts": {"labeled_train": len(train_l), "unlabeled": len(unlabeled), "val": len(val), "test": len(test)},
-        "cases": {c: {"shape": list(converted[c][0].shape), "source_spacing": all_cases[c]["spacing"],
-                      "source": all_cases[c]["source"], "labeled": converted[c][1] is not None,
-                      "label_counts": None if converted[c][1] is None else
-                      np.bincount(converted[c][1].ravel(), minlength=n_classes).tolist()}
-                  for c in sorted(converted)},
-        "args": vars(a),
-    }
     (tmp / "dataset.json").write_text(json.dumps(record, indent=1))
-    return record
 
 
-def print_summary(record, mapping, class_names, train_l, unlabeled, val, test, out, patch, seconds):
+def print_summary(record, out, seconds):
     print(f"\n{'case':<24}{'split':<11}{'shape':<18}{'source spacing':<22}label counts")
-    split_of = {c: s for s, cs in (("train", train_l), ("unlabeled", unlabeled), ("val", val), ("test", test))
-                for c in cs}
+    split_of = {c: s for s, cs in record["split"].items() for c in cs}
     for c, info in record["cases"].items():
         sp = "x".join(f"{z:.3g}" for z in info["source_spacing"])
         print(f"{c:<24}{split_of[c]:<11}{'x'.join(map(str, info['shape'])):<18}{sp:<22}{info['label_counts'] or '-'}")
-    print(f"\nlabel mapping (file value -> class): {mapping}; classes {['background'] + class_names}")
-    print(f"{len(train_l)} labeled training, {len(unlabeled)} unlabeled, {len(val)} val, {len(test)} test cases; "
-          f"patch {patch}; written to {out} in {seconds:.1f} s")
-    print(f"train with: python train_supervised.py --dataset Custom --root_path {out} --labeled_num {len(train_l)}")
+    print(f"\nlabel mapping (file value -> class): {record['label_mapping']}; classes "
+          f"{['background'] + record['class_names']}")
+    n = record["counts"]
+    print(f"{n['labeled_train']} labeled training, {n['unlabeled']} unlabeled, {n['val']} val, {n['test']} test "
+          f"cases; patch {record['patch_size']}; written to {out} in {seconds:.1f} s")
+    print(f"train with: python train_supervised.py --dataset Custom --root_path {out} --labeled_num {n['labeled_train']}")
 
 
 if __name__ == "__main__":

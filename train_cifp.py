@@ -77,7 +77,6 @@ def cifp_attn(U, L, a, tau):
 def cifp_proto(U, L, y_l, a, tau, num_classes):
     """CIFP variant `proto` (reference 2.4, R): borrow from labeled class prototypes mu_c (masked
     average of L over the positions labelled c, labels downsampled to the bottleneck by nearest)."""
-    C = U.shape[1]
     y = F.interpolate(y_l[:, None].float(), size=L.shape[2:], mode="nearest")[:, 0].long()
     onehot = F.one_hot(y, num_classes).movedim(-1, 1).float()           # (B_l, K, *s)
     L = L.detach()
