@@ -105,6 +105,12 @@ def test_2d_round_trip_with_remapped_classes(tmp_path):
         "--model_dir", tmp_path / "m")
     out = cli("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "supervised" / "last.pth").stdout
     assert "LV     dice" in out and "cases 2" in out
+    # a semi-supervised method on the same data: the unlabeled cases (no label) feed its unlabeled stream
+    cli("train_cifp.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2", "--max_iterations", "2",
+        "--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0",
+        "--model_dir", tmp_path / "m")
+    out = cli("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "cifp" / "last.pth").stdout
+    assert "cifp on Custom test" in out and "cases 2" in out
 
 
 def test_resampling_to_a_target_spacing(tmp_path):
