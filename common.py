@@ -62,6 +62,17 @@ def sigmoid_rampup(current, rampup_length):
     return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
 
+def scale_iterations(n, reference_max, max_iterations):
+    """The one rule for iteration-based schedules (warm-up, ramp-up, stage switch, LR steps) of a
+    shorter run: keep them at the same fraction of the run. n iterations of a reference_max-long
+    schedule become round(n * max_iterations / reference_max), at least 1 when n > 0; runs at the
+    default length are unchanged. Example: a 1,000-iteration warm-up of a 30,000-iteration recipe is
+    67 iterations of the 2,000-iteration quick protocol."""
+    if n <= 0 or max_iterations >= reference_max:
+        return n
+    return max(1, int(round(n * max_iterations / reference_max)))
+
+
 def lr_at(schedule, base_lr, iteration, max_iterations):
     """Learning rate for `iteration` (0-based): poly (SSL4MIS, power 0.9), step (UA-MT: x0.1 every
     2,500), linear (to 0) or constant (MC-Net)."""

@@ -43,6 +43,14 @@ def test_schedules():
     assert common.lr_at("constant", 0.01, 99, 100) == 0.01
 
 
+def test_scale_iterations():
+    assert common.scale_iterations(1000, 30000, 2000) == 67
+    assert common.scale_iterations(2500, 15000, 15000) == 2500   # default length: unchanged
+    assert common.scale_iterations(2500, 15000, 30000) == 2500   # longer runs keep the paper's numbers
+    assert common.scale_iterations(10, 30000, 2) == 1            # never rounds a schedule away
+    assert common.scale_iterations(0, 30000, 2000) == 0
+
+
 def test_ema_update():
     student, teacher = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     student.weight.data.fill_(1.0)
