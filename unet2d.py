@@ -3,8 +3,10 @@
 2D defaults = `HiLab-git/SSL4MIS: code/networks/unet.py`, class `UNet` (read, not copied): channels
 16, 32, 64, 128, 256; each block conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU with encoder
 dropout 0.05, 0.1, 0.2, 0.3, 0.5 and none in the decoder; max-pool down; up-sampling by a 1x1 conv
-and bilinear interpolation (`bilinear=True` in the current `UNet`; older copies and `UNet_DS` use a
-transposed conv: `upsample='transpose'`); concatenated skips; 3x3 output conv.
+and bilinear interpolation; concatenated skips; 3x3 output conv. About the up-sampling: `UNet`'s
+params say `'bilinear': False`, but its `Decoder` never passes that to `UpBlock`, whose default
+`bilinear=True` is what runs (checked at SSL4MIS commit 06df604). `upsample='transpose'` gives the
+transposed-conv form that UniMatch's and ICL's copies use.
 
 3D defaults = SSL4MIS `unet_3D` as UC-Seg and ICL use it (`feature_scale=4`): the same channels,
 InstanceNorm + ReLU, trilinear up-sampling of the full channel count then concatenation
