@@ -349,6 +349,14 @@ def evaluate(predict, info, cases, patch, stride=None, sw_batch_size=4, distance
 # =============================================================================================
 # 9. Run plumbing: arguments, seeding, loaders, snapshot folder, logging, checkpoints, resume
 # =============================================================================================
+SW_BATCH_HELP = ("sliding-window patches per forward pass (3D); default 4 on CUDA, 1 on the CPU, where "
+                 "batching measured slower (benchmarks/sliding_window_speed.py)")
+
+
+def default_sw_batch_size(device):
+    return 4 if str(device).startswith("cuda") else 1
+
+
 def add_common_args(parser):
     """The SSL4MIS argument names. Defaults of None are filled by parse_args from the method's
     defaults for the data set, then from the data set registry."""
@@ -374,7 +382,7 @@ def add_common_args(parser):
     a("--amp", action="store_true", help="mixed precision (CUDA only)")
     a("--resume", action="store_true", help="continue from last.pth in the snapshot folder")
     a("--model_dir", default="model", help="parent of the snapshot folders")
-    a("--sw_batch_size", type=int, default=4, help="sliding-window patches per forward pass (3D)")
+    a("--sw_batch_size", type=int, default=None, help=SW_BATCH_HELP)
     return parser
 
 
@@ -405,6 +413,8 @@ def parse_args(parser, argv=None, defaults=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.amp and not args.device.startswith("cuda"):
         parser.error("--amp needs a CUDA device (got --device %s)" % args.device)
+    if args.sw_batch_size is None:
+        args.sw_batch_size = default_sw_batch_size(args.device)
     if args.max_iterations < 0:
         parser.error("--max_iterations must be >= 0")
     return args
@@ -702,7 +712,7 @@ def test_main(dims, argv=None):
     p.add_argument("--split", default=None, help="test (default), val, or any split of the data set")
     p.add_argument("--root_path", default=None, help="data root (default: the one the run trained on)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sw_batch_size", type=int, default=4, help="sliding-window patches per forward pass")
+    p.add_argument("--sw_batch_size", type=int, default=None, help=SW_BATCH_HELP)
     p.add_argument("--stride", type=int, nargs="+", default=None, help="sliding-window stride (3D)")
     p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
@@ -710,6 +720,7 @@ def test_main(dims, argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.amp and not device.startswith("cuda"):
         p.error("--amp needs a CUDA device")
+    a.sw_batch_size = a.sw_batch_size or default_sw_batch_size(device)
     predictor, ckpt = load_checkpoint(a.ckpt, device)
     predictor.amp = a.amp
     root_path = a.root_path or ckpt["args"].get("root_path")
