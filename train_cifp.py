@@ -65,27 +65,29 @@ def cifp_attn(U, L, a, tau):
 
     U: (B_u, C, *s) unlabeled bottleneck; L: (B_l, C, *s) labeled bottleneck (detached here: no
     gradient reaches the labeled features); a: (B_u, *s) ambiguity gate in [0, 1]."""
-    B_u, C = U.shape[:2]
+    C = U.shape[1]
     U_rows = U.flatten(2).transpose(1, 2)                              # (B_u, N_u, C)
-    L_rows = L.detach().flatten(2).transpose(1, 2).reshape(-1, C)       # (B_l * N, C): all labeled positions
-    A = torch.softmax(F.normalize(U_rows, dim=-1) @ F.normalize(L_rows, dim=-1).T / tau, dim=-1)  # A = softmax(U^ L^T / tau)
-    R = (A @ L_rows).transpose(1, 2).reshape(U.shape)                   # R = A L
+    L_rows = L.detach().flatten(2).transpose(1, 2).reshape(-1, C)       # (B_l * N, C), sg(L): all labeled positions (R)
+    # (R) A = softmax over labeled positions of (U^ L^T / tau), U^ and L^ row-normalised
+    A = torch.softmax(F.normalize(U_rows, dim=-1) @ F.normalize(L_rows, dim=-1).T / tau, dim=-1)
+    R = (A @ L_rows).transpose(1, 2).reshape(U.shape)                   # (R) R = A L
     a = a.unsqueeze(1)
-    return (1 - a) * U + a * R                                          # U~ = (1 - a) U + a R
+    return (1 - a) * U + a * R                                          # (R) U~ = (1 - a) U + a R
 
 
 def cifp_proto(U, L, y_l, a, tau, num_classes):
     """CIFP variant `proto` (reference 2.4, R): borrow from labeled class prototypes mu_c (masked
     average of L over the positions labelled c, labels downsampled to the bottleneck by nearest)."""
-    y = F.interpolate(y_l[:, None].float(), size=L.shape[2:], mode="nearest")[:, 0].long()
+    y = F.interpolate(y_l[:, None].float(), size=L.shape[2:], mode="nearest")[:, 0].long()  # (R) labels to the grid
     onehot = F.one_hot(y, num_classes).movedim(-1, 1).float()           # (B_l, K, *s)
-    L = L.detach()
+    L = L.detach()                                                       # (R) sg(L)
     counts = onehot.flatten(2).sum((0, 2))                               # positions per class
-    mu = torch.einsum("bk...,bc...->kc", onehot, L) / counts.clamp_min(1)[:, None]   # mu_c
+    mu = torch.einsum("bk...,bc...->kc", onehot, L) / counts.clamp_min(1)[:, None]   # (R) mu_c = mean of L over class c
     mu = mu[counts > 0]                                                  # classes present only
     U_rows = U.flatten(2).transpose(1, 2)
-    A = torch.softmax(F.normalize(U_rows, dim=-1) @ F.normalize(mu, dim=-1).T / tau, dim=-1)  # softmax_c
-    R = (A @ mu).transpose(1, 2).reshape(U.shape)                        # R = A mu
+    # (R) A = softmax over classes of (U^ mu^T / tau)
+    A = torch.softmax(F.normalize(U_rows, dim=-1) @ F.normalize(mu, dim=-1).T / tau, dim=-1)
+    R = (A @ mu).transpose(1, 2).reshape(U.shape)                        # (R) R = A mu
     a = a.unsqueeze(1)
     return (1 - a) * U + a * R
 
@@ -96,14 +98,15 @@ def fuse(P_list, delta=1e-6):
 
     omega_k = (1 - U_k + delta) / sum_j (1 - U_j + delta); P_bar = sum_k omega_k P_k;
     y_hat = argmax P_bar; r = 1 - H(P_bar) / log C. Returns (y_hat, r, omega)."""
-    certainty = torch.stack([1 - normalized_entropy(P) + delta for P in P_list])   # (K, B, *s)
-    omega = certainty / certainty.sum(0, keepdim=True)
-    P_bar = sum(w.unsqueeze(1) * P for w, P in zip(omega, P_list))
-    return P_bar.argmax(1), 1 - normalized_entropy(P_bar), omega
+    certainty = torch.stack([1 - normalized_entropy(P) + delta for P in P_list])   # (R) 1 - U_k + delta, (K, B, *s)
+    omega = certainty / certainty.sum(0, keepdim=True)                             # (R) omega_k
+    P_bar = sum(w.unsqueeze(1) * P for w, P in zip(omega, P_list))                 # (P) fusion, (R) its form
+    return P_bar.argmax(1), 1 - normalized_entropy(P_bar), omega                   # (P) no threshold; (R) y_hat, r
 
 
 def channel_dropout(features, p=0.5):
-    """UniMatch feature perturbation: channel dropout on every encoder feature (always on)."""
+    """UniMatch feature perturbation (R, reference 2.5): channel dropout p 0.5 on every encoder feature,
+    active whatever the module mode."""
     drop = F.dropout2d if features[0].dim() == 4 else F.dropout3d
     return [drop(f, p, training=True) for f in features]
 
@@ -141,7 +144,8 @@ def main(argv=None):
             x_l, y_l, x_w = image[:lbs], label[:lbs], image[lbs:]
 
             # ---- method: CIFP ----
-            # Strong views: intensity perturbations, then CutMix with the unlabeled batch rolled by one (R)
+            # (P) image perturbations; (R) their form: intensity perturbations, then CutMix with the
+            # unlabeled batch rolled by one position as the partner (reference 2.5, 4)
             x_s1, x_s2 = common.strong_augment(x_w), common.strong_augment(x_w)
             box1 = torch.stack([common.cutmix_box(x_w.shape[2:]) for _ in x_w]).to(image)
             box2 = torch.stack([common.cutmix_box(x_w.shape[2:]) for _ in x_w]).to(image)
@@ -149,42 +153,42 @@ def main(argv=None):
             x_s2 = torch.where(box2[:, None] > 0, x_s2.roll(1, 0), x_s2)
 
             with torch.autocast("cuda", enabled=args.amp):
-                feats = net.encoder(torch.cat([x_l, x_w]))               # one encoder pass for x_l and x_w
+                feats = net.encoder(torch.cat([x_l, x_w]))               # (R) one encoder pass for x_l and x_w
                 logits, _ = net.decoder(feats)
                 logits_l, logits_w = logits[:lbs], logits[lbs:]
                 feats_u = [f[lbs:] for f in feats]
-                P_w = torch.softmax(logits_w.float(), 1).detach()        # clean weak prediction, sg(P_w)
+                P_w = torch.softmax(logits_w.float(), 1).detach()        # (R) clean weak prediction, sg(P_w)
                 U, L = feats_u[-1], feats[-1][:lbs]
                 a = F.adaptive_avg_pool2d(normalized_entropy(P_w), U.shape[2:]) if info.dims == 2 else \
-                    F.adaptive_avg_pool3d(normalized_entropy(P_w), U.shape[2:])          # ambiguity gate a (R)
+                    F.adaptive_avg_pool3d(normalized_entropy(P_w), U.shape[2:])          # (P) "ambiguous"; (R) gate a
                 U_tilde = cifp_attn(U, L, a, args.tau) if args.cifp_mode == "attn" else \
-                    cifp_proto(U, L, y_l, a, args.tau, info.num_classes)                 # CIFP (2.4)
-                logits_cifp, _ = net.decoder(feats_u[:-1] + [U_tilde])
-                logits_fp = net.decoder(channel_dropout(feats_u))[0] if args.use_dropout_fp else None
-                logits_s1, logits_s2 = net(torch.cat([x_s1, x_s2])).chunk(2)
+                    cifp_proto(U, L, y_l, a, args.tau, info.num_classes)                 # (P) CIFP, (R) form 2.4
+                logits_cifp, _ = net.decoder(feats_u[:-1] + [U_tilde])   # (R) P_cifp: skips e0..e3 unchanged
+                logits_fp = net.decoder(channel_dropout(feats_u))[0] if args.use_dropout_fp else None  # (R) P_fp
+                logits_s1, logits_s2 = net(torch.cat([x_s1, x_s2])).chunk(2)  # (R) P_s1, P_s2
             P_cifp = torch.softmax(logits_cifp.float(), 1)
             P_fp = torch.softmax(logits_fp.float(), 1) if args.use_dropout_fp else None
 
-            # Uncertainty-based pseudo-label fusion of the weak-view predictions (3.3): no threshold
+            # (P) uncertainty-based pseudo-label fusion, no threshold; (R) sources {w, cifp, fp}, 3.3
             y_hat, r, omega = fuse([P_w, P_cifp.detach()] + ([P_fp.detach()] if args.use_dropout_fp else []))
             if args.pl_weight == "none":
                 r = torch.ones_like(r)
-            y_s1 = torch.where(box1 > 0, y_hat.roll(1, 0), y_hat)         # CutMix-composited targets (3.4)
+            y_s1 = torch.where(box1 > 0, y_hat.roll(1, 0), y_hat)         # (R) CutMix-composited targets (3.4)
             r_s1 = torch.where(box1 > 0, r.roll(1, 0), r)
             y_s2 = torch.where(box2 > 0, y_hat.roll(1, 0), y_hat)
             r_s2 = torch.where(box2 > 0, r.roll(1, 0), r)
 
-            loss_sup = common.supervised_loss(logits_l.float(), y_l)                            # L_sup (3.1)
-            loss_s1 = common.dice_loss(torch.softmax(logits_s1.float(), 1), y_s1, weight=r_s1)  # L_s1 (3.4)
-            loss_s2 = common.dice_loss(torch.softmax(logits_s2.float(), 1), y_s2, weight=r_s2)  # L_s2
-            loss_cifp = common.dice_loss(P_cifp, y_hat, weight=r)                               # L_cifp
+            loss_sup = common.supervised_loss(logits_l.float(), y_l)                            # (R) L_sup (3.1)
+            loss_s1 = common.dice_loss(torch.softmax(logits_s1.float(), 1), y_s1, weight=r_s1)  # (R) L_s1 (3.4)
+            loss_s2 = common.dice_loss(torch.softmax(logits_s2.float(), 1), y_s2, weight=r_s2)  # (R) L_s2
+            loss_cifp = common.dice_loss(P_cifp, y_hat, weight=r)                               # (R) L_cifp
             if args.use_dropout_fp:
-                loss_fp = common.dice_loss(P_fp, y_hat, weight=r)                               # L_fp
-                # L = 1/2 [L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_cifp] (3.5)
+                loss_fp = common.dice_loss(P_fp, y_hat, weight=r)                               # (R) L_fp
+                # (R) L = 1/2 [L_sup + 0.25 L_s1 + 0.25 L_s2 + 0.25 L_fp + 0.25 L_cifp] (3.5)
                 loss = (loss_sup + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.25 * loss_fp + 0.25 * loss_cifp) / 2
             else:
                 loss_fp = torch.zeros((), device=image.device)
-                loss = (loss_sup + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_cifp) / 2  # L_cifp takes the 0.5
+                loss = (loss_sup + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_cifp) / 2  # (R) L_cifp takes the 0.5
 
             # ---- standard loop ----
             optimizer.zero_grad()
