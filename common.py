@@ -297,10 +297,9 @@ def predict_slices(predict, volume, patch, batch_size=16):
     """Label map (S, H, W) of a 2D-trained network on a (S, H, W) volume, slice by slice: zoom each
     slice to the patch (order 0), argmax, zoom back (order 0), as SSL4MIS `val_2D.py` (protocol §4.4)."""
     zoomed = np.stack([zoom_to(s, patch) for s in volume])
-    device = predict.device if hasattr(predict, "device") else torch.device("cpu")
     labels = []
-    for i in range(0, len(zoomed), batch_size):
-        x = torch.from_numpy(zoomed[i:i + batch_size])[:, None].to(device)
+    for i in range(0, len(zoomed), batch_size):  # the predictor moves the batch to its device
+        x = torch.from_numpy(zoomed[i:i + batch_size])[:, None]
         labels.append(predict(x).argmax(1).cpu().numpy().astype(np.uint8))
     labels = np.concatenate(labels)
     return np.stack([zoom_to(lab, volume.shape[1:]) for lab in labels])
