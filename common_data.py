@@ -399,9 +399,10 @@ def _blob(grid, center, radii, wobble):
 
 
 def phantom3d_case(rng):
-    """Binary 'atrium': a deformed ellipsoid with a thin dark wall, among bright distractors of the
-    same intensity range (round blobs and a tube), on a textured background, with a smooth
-    multiplicative bias field and noise; z-scored like the LA files."""
+    """Binary 'atrium': a large deformed ellipsoid with a thin dark wall, among bright distractors of
+    the same intensity range (round blobs, half of them walled too, and a tube), on a textured
+    background, with a smooth multiplicative bias field and noise; z-scored like the LA files. Only
+    size, shape and position tell the target apart."""
     shape = (int(rng.integers(72, 88)), int(rng.integers(68, 80)), 40)
     grid = _grid(shape)
     image = 0.35 + _smooth_field(rng, shape, 3, 0.15)  # textured background tissue
@@ -410,18 +411,20 @@ def phantom3d_case(rng):
     wobble = _smooth_field(rng, shape, 6, 0.25)
     target = _blob(grid, center, radii, wobble)
     wall = _blob(grid, center, [r + 2.5 for r in radii], wobble) & ~target
-    fg_level = rng.uniform(0.6, 0.8)
     image[wall] = 0.2
-    image[target] = fg_level
-    for _ in range(int(rng.integers(2, 5))):  # distractors: bright, no wall, overlapping intensities
+    image[target] = rng.uniform(0.6, 0.8)
+    for _ in range(int(rng.integers(3, 7))):  # distractors: bright, overlapping intensities
         c = [rng.uniform(6, s - 6) for s in shape]
-        d = _blob(grid, c, [rng.uniform(4, 9)] * 3, 0.0) & ~wall & ~target
+        r = rng.uniform(5, 11)
+        d = _blob(grid, c, [r] * 3, 0.0) & ~wall & ~target
+        if rng.random() < 0.5:  # a dark wall is no unique cue either
+            image[_blob(grid, c, [r + 2.5] * 3, 0.0) & ~d & ~wall & ~target] = 0.2
         image[d] = rng.uniform(0.55, 0.85)
     axis_c = [rng.uniform(10, shape[0] - 10), rng.uniform(10, shape[1] - 10)]  # a bright tube along z
     tube = ((grid[0] - axis_c[0]) ** 2 + (grid[1] - axis_c[1]) ** 2 < rng.uniform(9, 25)) & ~wall & ~target
     image[tube] = rng.uniform(0.6, 0.8)
     image *= 1.0 + _smooth_field(rng, shape, 12, 0.3)  # bias field
-    image += rng.normal(0, 0.1, shape)
+    image += rng.normal(0, 0.12, shape)
     image = (image - image.mean()) / image.std()
     return image.astype(np.float32), target.astype(np.uint8)
 
