@@ -202,3 +202,19 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, monkeypatch):
 def test_cli_error_is_one_line(tmp_path):
     proc = cli("prepare_data.py", "--input", tmp_path / "nowhere", "--output", tmp_path / "o", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_images_ts_become_the_test_list(tmp_path):
+    d = make_input(tmp_path, n=4)
+    for i in (7, 8):
+        lab = np.zeros((8, 8, 4), np.uint8)
+        lab[1:3, 1:3, 1:3] = 1
+        nifti(d / "imagesTs" / f"t{i}.nii.gz", np.random.default_rng(i).random((8, 8, 4)).astype(np.float32))
+        nifti(d / "labelsTs" / f"t{i}.nii.gz", lab)
+    prepare_data.main(["--input", str(d), "--output", str(tmp_path / "out"), "--val_fraction", "0.25"])
+    root = tmp_path / "out"
+    assert (root / "test.list").read_text().split() == ["t7", "t8"]  # no labeled training case taken for test
+    assert len((root / "val.list").read_text().split()) == 1 and len((root / "labeled.list").read_text().split()) == 3
+    (d / "labelsTs" / "t8.nii.gz").unlink()
+    with pytest.raises(common.DataError, match=r"no label for test case\(s\) \['t8'\]"):
+        prepare_data.main(["--input", str(d), "--output", str(tmp_path / "out2")])
