@@ -326,7 +326,8 @@ def print_summary(record, out, seconds):
     for c, info in record["cases"].items():
         sp = "x".join(f"{z:.3g}" for z in info["source_spacing"])
         print(f"{c:<24}{split_of[c]:<11}{'x'.join(map(str, info['shape'])):<18}{sp:<22}{info['label_counts'] or '-'}")
-    print(f"\nlabel mapping (file value -> class): {record['label_mapping']}; classes "
+    mapping = {int(k): v for k, v in record["label_mapping"].items()}
+    print(f"\nlabel mapping (file value -> class): {mapping}; classes "
           f"{['background'] + record['class_names']}")
     n = record["counts"]
     print(f"{n['labeled_train']} labeled training, {n['unlabeled']} unlabeled, {n['val']} val, {n['test']} test "
