@@ -227,12 +227,17 @@ def summarize(rows, class_names):
             out[f"{cname}_{k}_mean"], out[f"{cname}_{k}_sd"] = _nanmean_sd(v)
         out[f"{cname}_empty_pred"] = sum(r["metrics"][c]["empty_pred"] for r in rows)
     for k in METRICS:
-        v = np.array([np.nanmean([r["metrics"][c][k] for c in r["metrics"]]) if not
-                      all(math.isnan(r["metrics"][c][k]) for c in r["metrics"]) else math.nan for r in rows], float)
+        v = np.array([class_mean(r["metrics"], k) for r in rows], float)
         out[f"{k}_mean"], out[f"{k}_sd"] = _nanmean_sd(v)
     out["cases"] = len(rows)
     out["empty_pred"] = sum(any(r["metrics"][c]["empty_pred"] for c in r["metrics"]) for r in rows)
     return out
+
+
+def class_mean(metrics, key):
+    """Mean of one metric over the classes of a case, NaNs left out (NaN if all are NaN)."""
+    v = np.array([metrics[c][key] for c in metrics], float)
+    return float(v[~np.isnan(v)].mean()) if (~np.isnan(v)).any() else math.nan
 
 
 def _nanmean_sd(v):
@@ -764,8 +769,7 @@ def print_results(rows, summary, info, title):
     print("-" * len(head))
     for r in rows:
         m = r["metrics"]
-        mean = {k: np.nanmean([m[c][k] for c in m]) if not all(math.isnan(m[c][k]) for c in m) else math.nan
-                for k in ("dice", "jaccard", "hd95", "asd")}
+        mean = {k: class_mean(m, k) for k in ("dice", "jaccard", "hd95", "asd")}
         print(f"{r['case']:<28}" + "".join(f"{m[c]['dice']:>10.4f}" for c in m) * per_class +
               f"{mean['dice']:>8.4f}{mean['jaccard']:>9.4f}{mean['hd95']:>8.2f}{mean['asd']:>7.2f}")
     print("-" * len(head))

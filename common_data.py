@@ -4,6 +4,7 @@ and sources: ../shared/reference/data_and_protocol.md, cited as "protocol §n"."
 import json
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,11 +468,14 @@ def phantom2d_volume(rng, n_slices):
     return image.astype(np.float32), np.stack(labels)
 
 
-def _write_h5(path, image, label):
+def write_h5(path, image, label=None):
+    """One case in this repository's h5 format: gzip `image` (float32) and, if given, `label` (uint8)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image, compression="gzip")
-        f.create_dataset("label", data=label, compression="gzip")
+        f.create_dataset("image", data=np.asarray(image, np.float32), compression="gzip")
+        if label is not None:
+            f.create_dataset("label", data=np.asarray(label, np.uint8), compression="gzip")
 
 
 def generate_phantom(info, root, seed=2024):
@@ -482,7 +486,7 @@ def generate_phantom(info, root, seed=2024):
     if info.dims == 3:  # LA layout: 16 training and 4 test cases
         names = [f"case{i:03d}" for i in range(20)]
         for n in names:
-            _write_h5(case_path(info, root, n, "train"), *phantom3d_case(rng))
+            write_h5(case_path(info, root, n, "train"), *phantom3d_case(rng))
         lists = {"train.list": names[:16], "test.list": names[16:]}
     else:  # ACDC layout: 12 training patients as slices, 3 val and 3 test patients as volumes
         train_vols, slices, vols = [], [], {"val.list": [], "test.list": []}
@@ -496,10 +500,10 @@ def generate_phantom(info, root, seed=2024):
                     train_vols.append(name)
                     for k in range(n_slices):  # slice numbers count from 1, as the ACDC lists
                         slices.append(f"{name}_slice_{k + 1}")
-                        _write_h5(root / "data" / "slices" / f"{slices[-1]}.h5", image[k], label[k])
+                        write_h5(root / "data" / "slices" / f"{slices[-1]}.h5", image[k], label[k])
                 else:
                     vols[split].append(name)
-                    _write_h5(root / "data" / f"{name}.h5", image, label)
+                    write_h5(root / "data" / f"{name}.h5", image, label)
         lists = {"train_slices.list": slices, "train.list": train_vols, **vols}
     for fname, names in lists.items():
         (root / fname).write_text("\n".join(names) + "\n")
@@ -517,7 +521,6 @@ def ensure_phantom(info, root):
     try:
         os.rename(tmp, root)
     except OSError:  # another process generated it first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
 
 

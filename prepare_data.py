@@ -30,11 +30,9 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
@@ -65,10 +63,6 @@ def find_images(folder, channel):
             raise PrepError(f"{folder}/{missing[0]}_*: no file for --channel {channel}")
         return out
     return stems
-
-
-def find_labels(folder):
-    return nifti_stems(folder)
 
 
 def load_nifti(path, channel=None):
@@ -142,14 +136,6 @@ def split_cases(labeled, seed, val_fraction, test_fraction):
     return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
 
 
-def write_h5(path, image, label=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("image", data=image.astype(np.float32), compression="gzip")
-        if label is not None:
-            f.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
-
-
 def write_example(folder, dims, seed=0):
     """A synthetic nnU-Net folder for the README's worked example and the tests, made from the
     phantoms: 3D: 10 labeled + 4 unlabeled training cases, labels stored as 0/255 (like the raw LA
@@ -208,14 +194,14 @@ def main(argv=None):
     images = find_images(src / "imagesTr", a.channel or 0)
     if not images:
         raise PrepError(f"{src / 'imagesTr'}: no .nii or .nii.gz files")
-    labels = find_labels(src / "labelsTr") if (src / "labelsTr").is_dir() else {}
+    labels = nifti_stems(src / "labelsTr") if (src / "labelsTr").is_dir() else {}
     for case, path in labels.items():
         if case not in images:
             raise PrepError(f"{path}: label without an image in {src / 'imagesTr'}")
     cases = read_pairs(images, labels, a.channel)
     test_cases = {}
     if (src / "imagesTs").is_dir():
-        ts_labels = find_labels(src / "labelsTs") if (src / "labelsTs").is_dir() else {}
+        ts_labels = nifti_stems(src / "labelsTs") if (src / "labelsTs").is_dir() else {}
         ts_images = find_images(src / "imagesTs", a.channel or 0)
         missing = sorted(set(ts_images) - set(ts_labels))
         if missing:
@@ -302,18 +288,18 @@ def write_dataset(tmp, record, converted):
              "val.list": split["val"], "test.list": split["test"]}
     if record["dims"] == 3:
         for case, (image, label) in converted.items():
-            write_h5(tmp / f"{case}.h5", image, label)
+            common.write_h5(tmp / f"{case}.h5", image, label)
     else:
         slices = []
         for case in train_order:
             image, label = converted[case]
             for k in range(image.shape[2]):
                 slices.append(f"{case}_slice_{k + 1}")
-                write_h5(tmp / "data" / "slices" / f"{slices[-1]}.h5", image[:, :, k],
+                common.write_h5(tmp / "data" / "slices" / f"{slices[-1]}.h5", image[:, :, k],
                          None if label is None else label[:, :, k])
         for case in split["val"] + split["test"]:
             image, label = converted[case]
-            write_h5(tmp / "data" / f"{case}.h5", np.moveaxis(image, 2, 0), np.moveaxis(label, 2, 0))
+            common.write_h5(tmp / "data" / f"{case}.h5", np.moveaxis(image, 2, 0), np.moveaxis(label, 2, 0))
         lists["train_slices.list"] = slices
     for name, entries in lists.items():
         (tmp / name).write_text("".join(f"{e}\n" for e in entries))
@@ -336,8 +322,4 @@ def print_summary(record, out, seconds):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    common.cli(main)

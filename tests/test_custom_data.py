@@ -192,8 +192,8 @@ def test_interrupted_write_leaves_no_dataset(tmp_path, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(path, image, label)
-    original = prepare_data.write_h5
-    monkeypatch.setattr(prepare_data, "write_h5", failing_write)
+    original = common.write_h5
+    monkeypatch.setattr(common, "write_h5", failing_write)
     with pytest.raises(KeyboardInterrupt):
         run_prep(tmp_path)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp*"))
