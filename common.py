@@ -75,11 +75,12 @@ def scale_iterations(n, reference_max, max_iterations):
 
 def lr_at(schedule, base_lr, iteration, max_iterations):
     """Learning rate for `iteration` (0-based): poly (SSL4MIS, power 0.9), step (UA-MT: x0.1 every
-    2,500), linear (to 0) or constant (MC-Net)."""
+    2,500 of 6,000 iterations; a shorter run keeps the steps at the same fractions through
+    `scale_iterations`), linear (to 0) or constant (MC-Net)."""
     if schedule == "poly":
         return base_lr * (1.0 - iteration / max_iterations) ** 0.9
     if schedule == "step":
-        return base_lr * 0.1 ** (iteration // 2500)
+        return base_lr * 0.1 ** (iteration // scale_iterations(2500, 6000, max_iterations))
     if schedule == "linear":
         return base_lr * (1.0 - iteration / max_iterations)
     if schedule == "constant":
@@ -453,10 +454,11 @@ def build_network(spec):
     return classes[spec["name"]](**spec["kwargs"])
 
 
-def train_loader(args, info, root, labeled_only=False):
+def train_loader(args, info, root, labeled_only=False, rot_flip=None):
     """DataLoader over the training list with the two-stream sampler; returns (loader, n_labeled,
-    n_unlabeled). labeled_only: batches of --labeled_bs labeled samples (supervised baseline)."""
-    dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size))
+    n_unlabeled). labeled_only: batches of --labeled_bs labeled samples (supervised baseline).
+    rot_flip: see train_transform (3D only)."""
+    dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size, rot_flip))
     labeled = labeled_indices(info, dataset.names, args.labeled_num, dataset.has_label)
     unlabeled = [] if labeled_only else sorted(set(range(len(dataset))) - set(labeled))
     batch_size = args.labeled_bs if labeled_only else args.batch_size

@@ -301,8 +301,12 @@ class Transform2D:
         return zoom_to(image, self.patch_size), zoom_to(label, self.patch_size)
 
 
-def train_transform(info, patch_size):
-    return Transform2D(patch_size) if info.dims == 2 else Transform3D(patch_size, rot_flip=info.name != "Pancreas")
+def train_transform(info, patch_size, rot_flip=None):
+    """The data set's training augmentation. 3D: rot90/flip then crop (UA-MT), crop only for
+    Pancreas; rot_flip=False gives crop only everywhere (methods whose code does not augment)."""
+    if info.dims == 2:
+        return Transform2D(patch_size)
+    return Transform3D(patch_size, rot_flip=info.name != "Pancreas" if rot_flip is None else rot_flip)
 
 
 # =============================================================================================

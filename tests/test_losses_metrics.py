@@ -39,6 +39,9 @@ def test_schedules():
     assert common.lr_at("poly", 0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert common.lr_at("step", 0.01, 2499, 6000) == 0.01
     assert common.lr_at("step", 0.01, 5000, 6000) == pytest.approx(0.0001)
+    assert common.lr_at("step", 0.01, 832, 2000) == 0.01   # a 2,000-iteration run steps at 833 and 1,666
+    assert common.lr_at("step", 0.01, 833, 2000) == pytest.approx(0.001)
+    assert common.lr_at("step", 0.01, 1666, 2000) == pytest.approx(0.0001)
     assert common.lr_at("linear", 0.01, 75, 100) == pytest.approx(0.0025)
     assert common.lr_at("constant", 0.01, 99, 100) == 0.01
 
