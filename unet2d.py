@@ -15,7 +15,8 @@ classifier. (The 3D blocks here are the same conv-norm-act pairs as the 2D ones:
 reconstruction of `unet_3D`'s `UnetConv3`, which has the same two-conv shape.)
 
 `aux_heads=True` adds 3x3 heads on the three coarse decoder stages (SSL4MIS `UNet_DS`), whose
-logits `aux_logits` upsamples (nearest, as `UNet_DS`) to the input size.
+logits `aux_logits` upsamples (nearest, as `UNet_DS`) to the input size (or returns at their own
+resolution with `upsample=False`).
 """
 import torch
 import torch.nn as nn
@@ -144,12 +145,16 @@ class UNet(nn.Module):
             self.aux = nn.ModuleList([conv_nd(dims)(c, num_classes, 3, padding=1)
                                       for c in (channels[3], channels[2], channels[1])])
 
-    def aux_logits(self, decoder_features):
-        """Logits of the three coarse decoder stages (1/8, 1/4, 1/2), upsampled (nearest) to full size."""
+    def aux_logits(self, decoder_features, upsample=True):
+        """Logits of the three coarse decoder stages (1/8, 1/4, 1/2), upsampled (nearest) to full size,
+        or at their own resolution with upsample=False."""
         if self.aux is None:
             raise RuntimeError("this network was built without aux_heads=True")
+        logits = [head(feat) for head, feat in zip(self.aux, decoder_features[:-1])]
+        if not upsample:
+            return logits
         size = decoder_features[-1].shape[2:]
-        return [F.interpolate(head(feat), size=size) for head, feat in zip(self.aux, decoder_features[:-1])]
+        return [F.interpolate(z, size=size) for z in logits]
 
     def forward(self, x):
         logits, _ = self.decoder(self.encoder(x))

@@ -13,10 +13,15 @@ Options the methods need:
   (the dual-network method's network A, `AIPMLab/Semi-supervised-Segmentation:
   networks/ResNet34.py`). Its bottleneck has no dropout, as in that code.
 - `aux_heads=True`: three 1x1 heads on the coarse decoder stages for deep supervision (DuCiSC).
+- `feature_taps='merged'`: the decoder returns, per stage, the sum of the up-sampled features and
+  the skip (MC-Net/DuCiSC `x5_up` ... `x8_up`, taken *before* that stage's convolutions; the aux
+  heads then sit on them, as in DuCiSC's `networks/VNet.py`) instead of the stage outputs
+  (`'output'`, UA-MT's x6 ... x9).
 
 Interface shared with unet2d.UNet: `net(x)` -> logits; `net.encoder(x)` -> features shallow to
 deep; `net.decoder(features)` -> (logits, decoder_features coarse to fine);
-`net.aux_logits(decoder_features)` -> coarse-stage logits upsampled to the input size;
+`net.aux_logits(decoder_features, upsample=True)` -> coarse-stage logits, upsampled to the input size
+or at their own resolution;
 `net.config` -> the constructor arguments, stored in checkpoints to rebuild the network.
 """
 import torch.nn as nn
@@ -126,9 +131,15 @@ class ResNet34Encoder(nn.Module):
         return features
 
 
+FEATURE_TAPS = ("output", "merged")
+
+
 class VNetDecoder(nn.Module):
-    def __init__(self, dims, num_classes, n_filters, normalization, has_dropout):
+    def __init__(self, dims, num_classes, n_filters, normalization, has_dropout, feature_taps="output"):
         super().__init__()
+        if feature_taps not in FEATURE_TAPS:
+            raise ValueError(f"feature_taps must be one of {FEATURE_TAPS}, got {feature_taps!r}")
+        self.merged = feature_taps == "merged"
         f = n_filters
         self.up = nn.ModuleList([conv_norm_relu(dims, normalization, c, c // 2, 2, stride=2, transpose=True)
                                  for c in (16 * f, 8 * f, 4 * f, 2 * f)])
@@ -145,28 +156,30 @@ class VNetDecoder(nn.Module):
         x = features[-1]
         decoder_features = []
         for up, stage, skip in zip(self.up, self.stages, reversed(features[:-1])):
-            x = stage(up(x) + skip)  # additive skip (V-Net)
-            decoder_features.append(x)
+            merged = up(x) + skip  # additive skip (V-Net)
+            x = stage(merged)
+            decoder_features.append(merged if self.merged else x)
         if self.dropout is not None:
             x = self.dropout(x)
-            decoder_features[-1] = x  # UA-MT returns x9 after dropout
-        return self.out_conv(x), decoder_features  # x6, x7, x8, x9: 1/8 -> full resolution
+            if not self.merged:
+                decoder_features[-1] = x  # UA-MT returns x9 after dropout
+        return self.out_conv(x), decoder_features  # x6..x9 (or x5_up..x8_up): 1/8 -> full resolution
 
 
 class VNet(nn.Module):
     def __init__(self, dims=3, in_channels=1, num_classes=2, n_filters=16, normalization="batchnorm",
-                 has_dropout=False, residual_encoder=False, aux_heads=False):
+                 has_dropout=False, residual_encoder=False, aux_heads=False, feature_taps="output"):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
         self.config = dict(dims=dims, in_channels=in_channels, num_classes=num_classes, n_filters=n_filters,
                            normalization=normalization, has_dropout=has_dropout,
-                           residual_encoder=residual_encoder, aux_heads=aux_heads)
+                           residual_encoder=residual_encoder, aux_heads=aux_heads, feature_taps=feature_taps)
         if residual_encoder:
             self.encoder = ResNet34Encoder(dims, in_channels, n_filters)
         else:
             self.encoder = VNetEncoder(dims, in_channels, n_filters, normalization, has_dropout)
-        self.decoder = VNetDecoder(dims, num_classes, n_filters, normalization, has_dropout)
+        self.decoder = VNetDecoder(dims, num_classes, n_filters, normalization, has_dropout, feature_taps)
         self.aux = None
         if aux_heads:
             self.aux = nn.ModuleList([conv_nd(dims)(c, num_classes, 1)
@@ -174,14 +187,17 @@ class VNet(nn.Module):
         if residual_encoder:
             kaiming_init(self)
 
-    def aux_logits(self, decoder_features):
-        """Logits of the three coarse decoder stages (1/8, 1/4, 1/2), upsampled to full size."""
+    def aux_logits(self, decoder_features, upsample=True):
+        """Logits of the three coarse decoder stages (1/8, 1/4, 1/2), upsampled (linear) to full size,
+        or at their own resolution with upsample=False."""
         if self.aux is None:
             raise RuntimeError("this network was built without aux_heads=True")
+        logits = [head(feat) for head, feat in zip(self.aux, decoder_features[:-1])]
+        if not upsample:
+            return logits
         size = decoder_features[-1].shape[2:]
         mode = "trilinear" if self.config["dims"] == 3 else "bilinear"
-        return [F.interpolate(head(feat), size=size, mode=mode, align_corners=False)
-                for head, feat in zip(self.aux, decoder_features[:-1])]
+        return [F.interpolate(z, size=size, mode=mode, align_corners=False) for z in logits]
 
     def forward(self, x):
         logits, _ = self.decoder(self.encoder(x))

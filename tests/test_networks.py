@@ -32,6 +32,27 @@ def test_interface_shapes(cls, kwargs, shape):
     aux = net.aux_logits(dec)
     assert len(aux) == 3 and all(a.shape == logits.shape for a in aux)
     assert torch.equal(net(x), logits)
+    native = net.aux_logits(dec, upsample=False)
+    assert [tuple(a.shape[2:]) for a in native] == [tuple(s // 2 ** k for s in shape[2:]) for k in (3, 2, 1)]
+
+
+def test_vnet_merged_feature_taps():
+    torch.manual_seed(0)
+    net = VNet(dims=2, num_classes=3, aux_heads=True).eval()
+    merged = VNet(dims=2, num_classes=3, aux_heads=True, feature_taps="merged").eval()
+    merged.load_state_dict(net.state_dict())                   # same parameters, different taps
+    x = torch.randn(1, 1, 32, 32)
+    feats = net.encoder(x)
+    logits, dec = net.decoder(feats)
+    logits_m, dec_m = merged.decoder(feats)
+    assert torch.equal(logits, logits_m)                        # the output does not change
+    d = net.decoder
+    x5_up = d.up[0](feats[4]) + feats[3]                        # up-sampled bottleneck + skip, before block six
+    torch.testing.assert_close(dec_m[0], x5_up)
+    torch.testing.assert_close(dec_m[1], d.up[1](d.stages[0](x5_up)) + feats[2])
+    assert [f.shape[1] for f in dec_m] == [128, 64, 32, 16]
+    with pytest.raises(ValueError, match="feature_taps"):
+        VNet(feature_taps="input")
 
 
 @pytest.mark.parametrize("cls,kwargs,shape", CASES)

@@ -57,7 +57,9 @@ def test_supervised_3d_then_test_3d_with_nifti(tmp_path):
 
 
 @pytest.mark.parametrize("script,method,batch,n", [("train_supervised.py", "supervised", ["--batch_size", "2"], 250),
-                                                    ("train_cifp.py", "cifp", ["--batch_size", "4"], 100)])
+                                                    ("train_cifp.py", "cifp", ["--batch_size", "4"], 100),
+                                                    ("train_dualnet_kl.py", "dualnet_kl", ["--batch_size", "4"], 60),
+                                                    ("train_ducisc.py", "ducisc", ["--batch_size", "4"], 60)])
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method, batch, n):
     args = [*TINY2D, *batch, "--labeled_num", "2", "--max_iterations", str(n), "--val_split", "none",
             "--save_interval", "100000", "--lr_schedule", "poly"]
@@ -80,8 +82,11 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method
     wa = torch.load(tmp_path / "a" / log.parent.relative_to(b) / "last.pth", weights_only=False)
     wb = torch.load(log.parent / "last.pth", weights_only=False)
     assert wb["iteration"] == n
-    for k, v in wa["models"]["net"].items():
-        assert torch.equal(v, wb["models"]["net"][k]), k
+    for name in wa["models"]:  # every model (second network, teacher) and the method state
+        for k, v in wa["models"][name].items():
+            assert torch.equal(v, wb["models"][name][k]), (name, k)
+    for k, v in wa["method_state"].items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(wb["method_state"][k])), k
     rows = (log.parent / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, n + 1))  # no gap, no duplicate
 
