@@ -184,6 +184,9 @@ def main(argv=None):
                         help="L_u and L_c without gradient and entropy of logits, as the released code (see docstring)")
     parser.add_argument("--entropy_percentile", type=float, default=20,
                         help="keep a voxel if its entropy is below this percentile for either network (C: 20)")
+    parser.add_argument("--u_rampup", type=int, default=1,
+                        help="1: weight L_u^A, L_u^B by the sigmoid ramp of lambda_c (R, ref §3.7); 0: weight 1 from "
+                             "the start, as the code (where L_u has no gradient)")
     parser.add_argument("--kl_both_directions", action="store_true",
                         help="KL-weighted supervision A -> B as well as the code's B -> A (ref §3.4, R)")
     parser.add_argument("--kl_unlabeled_only", action="store_true",
@@ -263,10 +266,12 @@ def main(argv=None):
                 loss_c, n_sampled, proto_gap = prototype_loss(f_loser, yhat_u, unreliable, p_loser.argmax(1), C)
             if args.as_released:
                 loss_c = loss_c + proto_gap                           # (C) the released value adds the gap
-            lambda_c = LAMBDA_C * common.sigmoid_rampup(iteration // ramp_every, RAMP_STEPS)  # (C) lambda_c(t)
+            ramp = common.sigmoid_rampup(iteration // ramp_every, RAMP_STEPS)
+            lambda_c = LAMBDA_C * ramp                                # (C) lambda_c(t) = 0.1 sigmoid_rampup(t // 150, 40)
+            w_u = ramp if args.u_rampup and not args.as_released else 1.0  # (R) w_u(t), ref §3.7
 
-            # (C) total: sum_k (L_s^k + L_u^k) + L_kl + L_cos + lambda_c L_c (ref §3.7)
-            loss = loss_s_A + loss_s_B + loss_u_A + loss_u_B + loss_kl + loss_cos + lambda_c * loss_c
+            # (C) total: sum_k (L_s^k + w_u L_u^k) + L_kl + L_cos + lambda_c L_c (ref §3.7)
+            loss = loss_s_A + loss_s_B + w_u * (loss_u_A + loss_u_B) + loss_kl + loss_cos + lambda_c * loss_c
 
             # ---- standard loop ----
             opt_a.zero_grad()
@@ -278,7 +283,7 @@ def main(argv=None):
             run.step(iteration, {
                 "loss": loss, "loss_s_A": loss_s_A, "loss_s_B": loss_s_B, "dice_A": dice_A, "dice_B": dice_B,
                 "loss_u_A": loss_u_A, "loss_u_B": loss_u_B, "loss_kl": loss_kl, "mean_w": mean_w,
-                "loss_cos": loss_cos, "loss_c": loss_c, "lambda_c": lambda_c, "b_wins": float(b_wins),
+                "loss_cos": loss_cos, "loss_c": loss_c, "lambda_c": lambda_c, "w_u": w_u, "b_wins": float(b_wins),
                 "kept_fraction": 1 - unreliable.float().mean(), "mask_M": M.mean(), "proto_samples": n_sampled,
                 "proto_gap": proto_gap})
         run.finish()
