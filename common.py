@@ -445,13 +445,31 @@ def default_network(info, **kwargs):
 
 
 def build_network(spec):
-    """Rebuild a network from {"name": ..., "kwargs": ...} as stored in checkpoints."""
+    """Rebuild a network from {"name": ..., "kwargs": ...} as stored in checkpoints. A method's own
+    model class (UC-Seg: two subnets and their fusion head, whose fused output is the prediction) is
+    stored with "module", the training script it lives in, and imported from there."""
+    if "module" in spec:
+        import importlib
+        try:
+            cls = getattr(importlib.import_module(spec["module"]), spec["name"])
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"checkpoint names {spec['module']}.{spec['name']}, which cannot be imported: {e}")
+        return cls(**spec["kwargs"])
     from unet2d import UNet
     from vnet import VNet
     classes = {"VNet": VNet, "UNet": UNet}
     if spec["name"] not in classes:
         raise ValueError(f"checkpoint names an unknown network {spec['name']!r}")
     return classes[spec["name"]](**spec["kwargs"])
+
+
+def network_spec(net):
+    """{"name", "kwargs"[, "module"]} that build_network rebuilds `net` from (net.config holds the kwargs)."""
+    spec = {"name": type(net).__name__, "kwargs": net.config}
+    module = type(net).__module__
+    if module not in ("vnet", "unet2d"):  # a class defined in a training script (also when run as __main__)
+        spec["module"] = Path(sys.modules[module].__file__).stem
+    return spec
 
 
 def train_loader(args, info, root, labeled_only=False, rot_flip=None):
@@ -627,7 +645,7 @@ class Run:
         nets = [self.models[k] for k in self.eval_models]
         return {"method": self.method, "dataset": self.args.dataset, "iteration": self.iteration,
                 "args": vars(self.args), "inference": "softmax_mean",
-                "nets": [{"name": type(n).__name__, "kwargs": n.config} for n in nets],
+                "nets": [network_spec(n) for n in nets],
                 "state_dicts": [n.state_dict() for n in nets]}
 
     def save_last(self):

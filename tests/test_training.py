@@ -59,7 +59,9 @@ def test_supervised_3d_then_test_3d_with_nifti(tmp_path):
 @pytest.mark.parametrize("script,method,batch,n", [("train_supervised.py", "supervised", ["--batch_size", "2"], 250),
                                                     ("train_cifp.py", "cifp", ["--batch_size", "4"], 100),
                                                     ("train_dualnet_kl.py", "dualnet_kl", ["--batch_size", "4"], 60),
-                                                    ("train_ducisc.py", "ducisc", ["--batch_size", "4"], 60)])
+                                                    ("train_ducisc.py", "ducisc", ["--batch_size", "4"], 60),
+                                                    ("train_icl.py", "icl", ["--batch_size", "4"], 60),
+                                                    ("train_ucseg.py", "ucseg", ["--batch_size", "4"], 40)])
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method, batch, n):
     args = [*TINY2D, *batch, "--labeled_num", "2", "--max_iterations", str(n), "--val_split", "none",
             "--save_interval", "100000", "--lr_schedule", "poly"]
