@@ -28,12 +28,9 @@ Deviations from the official code (default; `--as_released` restores the release
   entropy of logits) and only logs them; as the term carries no gradient this gives the released
   updates exactly. Where the released L_c is NaN (no uncertain voxel) we log 0, since a NaN would
   stop the run at the NaN guard.
-- With gradients on, L_u^A and L_u^B are weighted by the sigmoid ramp of lambda_c (0.007 -> 1 over
-  the run, R, the remedy ref §3.7 names): with the code's weight 1 from the first iteration the
-  unlabeled CE fell to 0.01-0.04 within 100 iterations of the ACDC quick protocol (both networks
-  confidently background on the kept voxels) while network A's labeled Dice loss stalled, and
-  the ensemble predicted no structure at the iteration-200 and 400 validations. `--u_rampup 0`
-  gives the code's constant weight (`--as_released` implies it; there the term has no gradient).
+- L_u^A and L_u^B keep the code's constant weight 1; `--u_rampup 1` weights them by the sigmoid
+  ramp of lambda_c instead (R, the remedy ref §3.7 names if gradients on L_u make the start
+  unstable). On the ACDC quick protocol neither helped network A early: see the README.
 - One summed loss and one backward pass instead of two losses and two backward passes: each term
   is counted once either way, so the gradients are the same (ref §3.7).
 - The third, prototype-distance term of L_c is a constant once the prototypes are detached; it
@@ -190,9 +187,9 @@ def main(argv=None):
                         help="L_u and L_c without gradient and entropy of logits, as the released code (see docstring)")
     parser.add_argument("--entropy_percentile", type=float, default=20,
                         help="keep a voxel if its entropy is below this percentile for either network (C: 20)")
-    parser.add_argument("--u_rampup", type=int, default=1,
-                        help="1: weight L_u^A, L_u^B by the sigmoid ramp of lambda_c (R, ref §3.7); 0: weight 1 from "
-                             "the start, as the code (where L_u has no gradient)")
+    parser.add_argument("--u_rampup", type=int, default=0,
+                        help="0: L_u^A, L_u^B with weight 1 from the start, as the code; 1: weighted by the sigmoid "
+                             "ramp of lambda_c (R, ref §3.7)")
     parser.add_argument("--kl_both_directions", action="store_true",
                         help="KL-weighted supervision A -> B as well as the code's B -> A (ref §3.4, R)")
     parser.add_argument("--kl_unlabeled_only", action="store_true",
