@@ -1,15 +1,13 @@
 """CIFP (train_cifp.py): each module on tiny tensors against hand computation or a naive loop,
 gradient flow, and a smoke run on both phantoms with test script and resume."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import train_cifp as cifp
-from conftest import REPO
+from conftest import SMOKE_2D, SMOKE_3D, run
 
 
 def test_normalized_entropy():
@@ -113,15 +111,8 @@ def test_cutmix_box_and_strong_augment():
     assert common.strong_augment(torch.randn(2, 1, 8, 8, 4)).shape == (2, 1, 8, 8, 4)
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def test_smoke_phantom2d_test_and_resume(tmp_path):
-    args = ["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size", "4",
-            "--labeled_bs", "2", "--num_workers", "0", "--val_interval", "2", "--model_dir", tmp_path]
+    args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_cifp.py", *args, "--max_iterations", "2")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "cifp" / "last.pth"
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)  # 3 test patients x 2 frames
@@ -132,7 +123,6 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
 
 
 def test_smoke_phantom3d_proto(tmp_path):
-    run("train_cifp.py", "--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32", "32", "16",
-        "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0", "--max_iterations", "2", "--cifp_mode",
+    run("train_cifp.py", *SMOKE_3D, "--max_iterations", "2", "--cifp_mode",
         "proto", "--use_dropout_fp", "0", "--model_dir", tmp_path)
     assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "cifp" / "last.pth")

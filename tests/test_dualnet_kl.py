@@ -1,8 +1,6 @@
 """Dual-network KL method (train_dualnet_kl.py): each loss on tiny tensors against hand computation or
 the official code's formula written out naively, the gradient paths (default vs --as_released), and
 smoke runs on both phantoms with the test script and resume."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch.nn.functional as F
 
 import common
 import train_dualnet_kl as dk
-from conftest import REPO
+from conftest import SMOKE_2D, SMOKE_3D, run
 
 
 def probs(*rows):
@@ -166,15 +164,8 @@ def test_default_trains_through_l_u_and_l_c_while_as_released_does_not():
     assert released_u.item() != pytest.approx(loss_u.item())     # softmax applied twice in the released value
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def test_smoke_phantom2d_test_and_resume(tmp_path):
-    args = ["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size", "4",
-            "--labeled_bs", "2", "--num_workers", "0", "--val_interval", "2", "--model_dir", tmp_path]
+    args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_dualnet_kl.py", *args, "--max_iterations", "2")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "dualnet_kl" / "last.pth"
     saved = torch.load(ckpt, weights_only=False)
@@ -188,8 +179,7 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
 
 
 def test_smoke_phantom3d_as_released(tmp_path):
-    run("train_dualnet_kl.py", "--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32", "32", "16",
-        "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0", "--max_iterations", "2", "--as_released",
+    run("train_dualnet_kl.py", *SMOKE_3D, "--max_iterations", "2", "--as_released",
         "--model_dir", tmp_path)
     folder = tmp_path / "Phantom3D_run_2_labeled" / "dualnet_kl"
     assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import common
 import train_ducisc as dc
-from conftest import REPO
+from conftest import REPO, SMOKE_2D, SMOKE_3D, run
 
 
 def test_binary_and_foreground_dice_by_hand():
@@ -127,15 +127,8 @@ def test_forward_deepsup_shapes(name, shape):
         torch.testing.assert_close(net.decoder(enc)[1][0], net.decoder.up[0](enc[4]) + enc[3])
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def test_smoke_phantom2d_test_and_resume(tmp_path):
-    args = ["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size", "4",
-            "--labeled_bs", "2", "--num_workers", "0", "--val_interval", "2", "--model_dir", tmp_path]
+    args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_ducisc.py", *args, "--max_iterations", "3")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "ducisc" / "last.pth"
     saved = torch.load(ckpt, weights_only=False)
@@ -149,8 +142,7 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
 
 
 def test_smoke_phantom3d(tmp_path):
-    run("train_ducisc.py", "--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32", "32", "16",
-        "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0", "--max_iterations", "3",
+    run("train_ducisc.py", *SMOKE_3D, "--max_iterations", "3",
         "--model_dir", tmp_path)
     folder = tmp_path / "Phantom3D_run_2_labeled" / "ducisc"
     assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth")

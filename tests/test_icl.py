@@ -1,7 +1,5 @@
 """ICL (train_icl.py): the class decoder against a naive re-implementation (both head splits), the head-split
 quirk, the proxy chain and its gradient paths, each loss by hand, real non-cubic shapes, and smoke runs."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,7 +7,7 @@ import torch.nn.functional as F
 
 import common
 import train_icl as icl
-from conftest import REPO
+from conftest import SMOKE_2D, SMOKE_3D, run
 
 
 def naive_class_decoder(dec, Q, T, split):
@@ -144,15 +142,8 @@ def test_drop_path_drops_whole_samples():
     assert torch.equal(icl.drop_path(x, 0.5, training=False), x)
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def test_smoke_phantom2d_test_and_resume(tmp_path):
-    args = ["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size", "4",
-            "--labeled_bs", "2", "--num_workers", "0", "--val_interval", "2", "--model_dir", tmp_path]
+    args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_icl.py", *args, "--max_iterations", "2")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "icl" / "last.pth"
     saved = torch.load(ckpt, weights_only=False)
@@ -165,7 +156,6 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
 
 
 def test_smoke_phantom3d_standard_split_without_spatial_mlp(tmp_path):
-    run("train_icl.py", "--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32", "32", "16",
-        "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0", "--max_iterations", "2",
+    run("train_icl.py", *SMOKE_3D, "--max_iterations", "2",
         "--spatial_mlp", "0", "--head_split", "standard", "--model_dir", tmp_path)
     assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "icl" / "last.pth")

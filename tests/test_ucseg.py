@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import train_ucseg as uc
-from conftest import REPO
+from conftest import REPO, SMOKE_2D, SMOKE_3D, run
 
 
 def test_uncertainty_and_au_loss_by_hand():
@@ -166,15 +165,8 @@ def test_prediction_consistency_has_no_gradient():
     assert not d.requires_grad
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
-
-
 def test_smoke_phantom2d_fused_checkpoint_and_resume(tmp_path):
-    args = ["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size", "4",
-            "--labeled_bs", "2", "--num_workers", "0", "--val_interval", "2", "--model_dir", tmp_path]
+    args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_ucseg.py", *args, "--max_iterations", "2")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "ucseg" / "last.pth"
     saved = torch.load(ckpt, weights_only=False)
@@ -187,8 +179,7 @@ def test_smoke_phantom2d_fused_checkpoint_and_resume(tmp_path):
 
 
 def test_smoke_phantom3d_as_released(tmp_path):
-    run("train_ucseg.py", "--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32", "32", "16",
-        "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0", "--max_iterations", "2", "--as_released",
+    run("train_ucseg.py", *SMOKE_3D, "--max_iterations", "2", "--as_released",
         "--model_dir", tmp_path)
     out = run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "ucseg" / "last.pth", "--stride", "32", "32", "16")
     assert "cases 4" in out
