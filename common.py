@@ -711,8 +711,9 @@ class Run:
 
 
 # ---- checkpoints for evaluation, and the test scripts' command line ----
-def load_checkpoint(path, device="cpu"):
-    """(Predictor, checkpoint dict) from any checkpoint a training script wrote."""
+def load_checkpoint(path, device="cpu", member=None):
+    """(Predictor, checkpoint dict) from any checkpoint a training script wrote; member=k keeps only the
+    k-th network of an ensemble checkpoint (0-based, in the order the checkpoint lists them)."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"--ckpt {path}: file not found")
@@ -720,8 +721,13 @@ def load_checkpoint(path, device="cpu"):
     for key in ("dataset", "nets", "state_dicts", "args"):
         if key not in ckpt:
             raise SystemExit(f"--ckpt {path}: not a checkpoint of this repository (no {key!r})")
+    members = list(zip(ckpt["nets"], ckpt["state_dicts"]))
+    if member is not None:
+        if not 0 <= member < len(members):
+            raise SystemExit(f"--member {member}: {path} holds {len(members)} network(s), numbered from 0")
+        members = [members[member]]
     nets = []
-    for spec, sd in zip(ckpt["nets"], ckpt["state_dicts"]):
+    for spec, sd in members:
         net = build_network(spec).to(device)
         net.load_state_dict(sd)
         nets.append(net.eval())
@@ -740,12 +746,14 @@ def test_main(dims, argv=None):
     p.add_argument("--stride", type=int, nargs="+", default=None, help="sliding-window stride (3D)")
     p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--member", type=int, default=None,
+                   help="evaluate only network k (0-based) of an ensemble checkpoint, a diagnostic; CSVs get _member<k>")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.amp and not device.startswith("cuda"):
         p.error("--amp needs a CUDA device")
     a.sw_batch_size = a.sw_batch_size or default_sw_batch_size(device)
-    predictor, ckpt = load_checkpoint(a.ckpt, device)
+    predictor, ckpt = load_checkpoint(a.ckpt, device, a.member)
     predictor.amp = a.amp
     root_path = a.root_path or ckpt["args"].get("root_path")
     info = get_dataset(ckpt["dataset"], root_path)
@@ -755,7 +763,7 @@ def test_main(dims, argv=None):
     root = resolve_root(info, root_path)
     cases = load_cases(info, root, split, progress=True)
     ckpt_path = Path(a.ckpt)
-    stem = f"{ckpt_path.stem}_{split}"
+    stem = f"{ckpt_path.stem}_{split}" + ("" if a.member is None else f"_member{a.member}")
     save = None
     if a.save_nii:
         import nibabel as nib
@@ -771,7 +779,8 @@ def test_main(dims, argv=None):
     seconds = time.time() - t0
     summary = {"checkpoint": str(ckpt_path), "iteration": ckpt["iteration"], "split": split,
                "eval_seconds": round(seconds, 1), **summary}
-    print_results(rows, summary, info, f"{ckpt['method']} on {info.name} {split}, {ckpt_path} "
+    member = "" if a.member is None else f" (network {a.member} of {len(ckpt['nets'])} only)"
+    print_results(rows, summary, info, f"{ckpt['method']}{member} on {info.name} {split}, {ckpt_path} "
                   f"(iteration {ckpt['iteration']}), {seconds:.1f} s")
     write_results(rows, summary, info, ckpt_path.parent / f"{stem}_cases.csv", ckpt_path.parent / f"{stem}_summary.csv")
     print(f"wrote {ckpt_path.parent / (stem + '_cases.csv')} and {stem}_summary.csv"

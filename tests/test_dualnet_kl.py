@@ -172,6 +172,8 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     assert [n["kwargs"]["residual_encoder"] for n in saved["nets"]] == [True, False]  # the ensemble is the checkpoint
     assert saved["inference"] == "softmax_mean" and len(saved["state_dicts"]) == 2
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)
+    assert "network 0 of 2 only" in run("test_2d.py", "--ckpt", ckpt, "--member", "0")  # subnet A alone
+    assert (ckpt.parent / "last_test_member0_summary.csv").exists()
     header = (ckpt.parent / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss_u_A", "loss_kl", "loss_cos", "loss_c", "kept_fraction", "mean_w"} <= set(header)
     run("train_dualnet_kl.py", *args, "--max_iterations", "4", "--resume")

@@ -61,6 +61,19 @@ def test_ensemble_predictor_averages_softmax():
     torch.testing.assert_close(common.Predictor([a, b], "cpu")(x), expected)
 
 
+def test_load_checkpoint_member_keeps_one_network_of_an_ensemble(tmp_path):
+    a, b = tiny_net(), VNet(dims=3, num_classes=3, n_filters=4).eval()
+    torch.save({"dataset": "LA", "args": {}, "nets": [common.network_spec(a), common.network_spec(b)],
+                "state_dicts": [a.state_dict(), b.state_dict()]}, tmp_path / "ens.pth")
+    x = torch.randn(1, 1, 16, 16, 16)
+    both, _ = common.load_checkpoint(tmp_path / "ens.pth")
+    second, _ = common.load_checkpoint(tmp_path / "ens.pth", member=1)
+    assert len(both.nets) == 2 and len(second.nets) == 1
+    torch.testing.assert_close(second(x), torch.softmax(b(x), 1))
+    with pytest.raises(SystemExit, match="holds 2 network"):
+        common.load_checkpoint(tmp_path / "ens.pth", member=2)
+
+
 def test_predict_slices_zooms_to_the_patch_and_back():
     torch.manual_seed(0)
     net = UNet(num_classes=4).eval()
