@@ -6,7 +6,7 @@
 # checkpoint (last.pth) on the 20 ACDC validation volumes. Method scripts keep their own losses and
 # weights; only the data, network size, batch, schedule and run length are set here.
 #
-#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC supervised cifp
+#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC supervised cifp ducisc icl ucseg dualnet_kl
 #
 # Results: model/ACDC_quick_<n>_labeled/<method>/last_val_summary.csv (and _cases.csv, log.txt, metrics.csv).
 set -euo pipefail
