@@ -687,6 +687,8 @@ class Run:
             self.bar.close()
         self.save_last()
         msg = f"finished at iteration {self.iteration}; final checkpoint {self.dir / 'last.pth'}"
+        if str(self.args.device).startswith("cuda"):
+            msg += f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB (allocated by torch)"
         if self.val_cases:
             if self._validated_at != self.iteration:
                 self.validate()
