@@ -75,9 +75,10 @@ def build_network(info):
 
 def forward_deepsup(net, x):
     """(C) `forward(x, deepsup=True)`: logits O^1..O^4 (1/8 -> 1, each at its own resolution) and
-    features F^1..F^4 (1 -> 1/8)."""
+    features F^1..F^4 (1 -> 1/8), in float32 so that the losses run in full precision under --amp."""
     logits, decoder_features = net.decoder(net.encoder(x))
-    return net.aux_logits(decoder_features, upsample=False) + [logits], decoder_features[::-1]
+    outputs = net.aux_logits(decoder_features, upsample=False) + [logits]
+    return [o.float() for o in outputs], [f.float() for f in decoder_features[::-1]]
 
 
 # ---- method: losses ----
@@ -221,8 +222,7 @@ def main(argv=None):
                 O_u, F_u = forward_deepsup(net, x_u)
                 with torch.no_grad():
                     O_T, _ = forward_deepsup(teacher, x_u)
-            O_l, O_u = [o.float() for o in O_l], [o.float() for o in O_u]
-            P_T = [torch.softmax(o.float(), 1) for o in O_T]
+            P_T = [torch.softmax(o, 1) for o in O_T]
             y_hat = [P.argmax(1) for P in P_T]                                # (C) y_hat^s from each scale's own head
 
             # L_sup (D1, D2): GT resized by nearest to every head
@@ -245,7 +245,6 @@ def main(argv=None):
             y_m = sigma * Y_l + (1 - sigma) * onehot(y_hat[-1][:lbs], C)      # (C) y~_m with the full-res y_hat^4
             with torch.autocast("cuda", enabled=args.amp):
                 O_m, F_m = forward_deepsup(net, x_m)
-            O_m = [o.float() for o in O_m]
             loss_mix, _, _ = deepsup_loss(O_m, [resize(y_m, o.shape[2:], "linear") for o in O_m],
                                           [m[:lbs] for m in certain], soft=True)  # (C) the unlabeled partner's M^s
 
