@@ -127,6 +127,18 @@ def test_forward_deepsup_shapes(name, shape):
         torch.testing.assert_close(net.decoder(enc)[1][0], net.decoder.up[0](enc[4]) + enc[3])
 
 
+def test_forward_deepsup_returns_float32_under_autocast():
+    """--amp on CUDA: the prototype pooling mixes features with float32 masks, so the forward must hand back
+    float32 (this failed on a GPU before the fix; bfloat16 CPU autocast reproduces it here)."""
+    info = common.get_dataset("Phantom2D")
+    net = dc.build_network(info)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, feats = dc.forward_deepsup(net, torch.randn(2, 1, 32, 32))
+    assert {t.dtype for t in logits + feats} == {torch.float32}
+    masks = [dc.onehot(torch.randint(0, 4, (2, *f.shape[2:])), 4) for f in feats]
+    assert len(dc.prototypes(feats, masks)) == 4
+
+
 def test_smoke_phantom2d_test_and_resume(tmp_path):
     args = [*SMOKE_2D, "--model_dir", tmp_path]
     run("train_ducisc.py", *args, "--max_iterations", "3")
