@@ -194,6 +194,9 @@ def main(argv=None):
                         help="KL-weighted supervision A -> B as well as the code's B -> A (ref §3.4, R)")
     parser.add_argument("--kl_unlabeled_only", action="store_true",
                         help="KL-weighted term on the unlabeled half only (the code uses the whole batch)")
+    parser.add_argument("--labeled_terms_only", action="store_true",
+                        help="ablation: train on L_s^A + L_s^B only (mutual correction included; the unlabeled "
+                             "terms are computed and logged, not added): what the two networks reach without them")
     args = common.parse_args(parser, argv, DEFAULTS)
     common.seed_everything(args.seed, args.deterministic)
     info = common.get_dataset(args.dataset, args.root_path)
@@ -275,6 +278,8 @@ def main(argv=None):
 
             # (C) total: sum_k (L_s^k + w_u L_u^k) + L_kl + L_cos + lambda_c L_c (ref §3.7)
             loss = loss_s_A + loss_s_B + w_u * (loss_u_A + loss_u_B) + loss_kl + loss_cos + lambda_c * loss_c
+            if args.labeled_terms_only:                               # ablation (not the method)
+                loss = loss_s_A + loss_s_B
 
             # ---- standard loop ----
             opt_a.zero_grad()

@@ -188,3 +188,12 @@ def test_smoke_phantom3d_as_released(tmp_path):
     rows = (folder / "metrics.csv").read_text().splitlines()
     kept = float(rows[1].split(",")[rows[0].split(",").index("kept_fraction")])
     assert kept == 1.0  # released: some logit is negative -> NaN entropy -> the filter keeps every voxel
+
+
+def test_labeled_terms_only_ablation_trains_on_l_s_alone(tmp_path):
+    run("train_dualnet_kl.py", *SMOKE_2D, "--max_iterations", "1", "--labeled_terms_only", "--val_split", "none",
+        "--model_dir", tmp_path)
+    rows = (tmp_path / "Phantom2D_run_2_labeled" / "dualnet_kl" / "metrics.csv").read_text().splitlines()
+    r = dict(zip(rows[0].split(","), map(float, rows[1].split(","))))
+    assert r["loss"] == pytest.approx(r["loss_s_A"] + r["loss_s_B"], rel=1e-4)
+    assert r["loss_kl"] > 0 and r["loss_cos"] > 0    # the unlabeled terms are still computed and logged
