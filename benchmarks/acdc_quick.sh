@@ -20,5 +20,8 @@ for method in $methods; do
     if [ "$n" = all ] && [ "$method" != supervised ]; then continue; fi
     time python "train_${method}.py" "${common[@]}" --labeled_num "$n"
     python test_2d.py --ckpt "model/ACDC_quick_${n}_labeled/${method}/last.pth" --split val
+    if [ "$method" = dualnet_kl ]; then  # each network of the ensemble alone (A = 0, B = 1), a diagnostic
+      for k in 0 1; do python test_2d.py --ckpt "model/ACDC_quick_${n}_labeled/${method}/last.pth" --split val --member "$k"; done
+    fi
   done
 done
