@@ -173,11 +173,11 @@ def prototype_loss(f, yhat_u, unreliable, yhat_loser, num_classes, generator=Non
     return loss, sampled, gap
 
 
-def build_networks(info):
-    """(C) A: ResNet-34-encoder V-Net (dropout on the last decoder feature only); B: V-Net with dropout;
-    (R) their 2D forms for ACDC."""
-    net_a = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=True, residual_encoder=True)
-    net_b = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=True)
+def build_networks(info, dropout=True):
+    """(C) A: ResNet-34-encoder V-Net (dropout on the last decoder feature only); B: V-Net with dropout
+    (bottleneck and last decoder feature); (R) their 2D forms for ACDC. dropout=False: neither has any."""
+    net_a = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout, residual_encoder=True)
+    net_b = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout)
     return net_a, net_b
 
 
@@ -194,6 +194,9 @@ def main(argv=None):
                         help="KL-weighted supervision A -> B as well as the code's B -> A (ref §3.4, R)")
     parser.add_argument("--kl_unlabeled_only", action="store_true",
                         help="KL-weighted term on the unlabeled half only (the code uses the whole batch)")
+    parser.add_argument("--no_dropout", action="store_true",
+                        help="ablation: both networks without their Dropout(0.5) layers (the code has them; on the "
+                             "ACDC quick protocol they slow the 2D networks down a lot, see the README)")
     parser.add_argument("--labeled_terms_only", action="store_true",
                         help="ablation: train on L_s^A + L_s^B only (mutual correction included; the unlabeled "
                              "terms are computed and logged, not added): what the two networks reach without them")
@@ -205,7 +208,7 @@ def main(argv=None):
         raise common.DataError(f"--patch_size {args.patch_size}: the V-Nets need multiples of 16")
 
     loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, rot_flip=False)  # (C) random crop only
-    net_a, net_b = (n.to(args.device) for n in build_networks(info))
+    net_a, net_b = (n.to(args.device) for n in build_networks(info, dropout=not args.no_dropout))
     opt_a = torch.optim.SGD(net_a.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  # (C) one SGD
     opt_b = torch.optim.SGD(net_b.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  #     per network
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)

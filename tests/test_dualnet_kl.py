@@ -197,3 +197,10 @@ def test_labeled_terms_only_ablation_trains_on_l_s_alone(tmp_path):
     r = dict(zip(rows[0].split(","), map(float, rows[1].split(","))))
     assert r["loss"] == pytest.approx(r["loss_s_A"] + r["loss_s_B"], rel=1e-4)
     assert r["loss_kl"] > 0 and r["loss_cos"] > 0    # the unlabeled terms are still computed and logged
+
+
+def test_no_dropout_builds_both_networks_without_dropout_layers():
+    info = common.get_dataset("Phantom2D")
+    count = lambda net: sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in net.modules())
+    assert [count(n) for n in dk.build_networks(info)] == [1, 2]       # (C) A: last feature; B: bottleneck + last
+    assert [count(n) for n in dk.build_networks(info, dropout=False)] == [0, 0]
