@@ -43,6 +43,11 @@ between two different foreground classes (equal to the code's OR for two classes
 and candidates per class, N = floor(|uncertain voxels the loser calls foreground| / 100) per class.
 The 2D networks for ACDC are the same two V-Nets through `dims=2` (R), ACDC's recipe is the
 field's (SSL4MIS) one, BraTS 2019 has no script and uses the LA recipe (R).
+On ACDC the code's Dropout(0.5) on the last 16-channel decoder feature (and B's bottleneck) slows both
+2D networks a lot, and the coupling terms then teach a class neither network predicts yet (RV) as
+background: on the ACDC quick protocol the default ends below the supervised U-Net, `--no_dropout`
+reaches it (7 patients) or beats it (3). The default keeps the code's networks; on ACDC use
+`--no_dropout`. Measurements and ablations (`--labeled_terms_only`) are in the README.
 
     python train_dualnet_kl.py --dataset LA --labeled_num 8
     python test_3d.py --ckpt model/LA_run_8_labeled/dualnet_kl/last.pth
