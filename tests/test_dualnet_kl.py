@@ -2,6 +2,7 @@
 the official code's formula written out naively, the gradient paths (default vs --as_released), and
 smoke runs on both phantoms with the test script and resume."""
 
+import argparse
 import csv
 
 import numpy as np
@@ -205,8 +206,17 @@ def test_labeled_terms_only_ablation_trains_on_l_s_alone(tmp_path):
     assert r["loss_kl"] > 0 and r["loss_cos"] > 0    # the unlabeled terms are still computed and logged
 
 
-def test_no_dropout_builds_both_networks_without_dropout_layers():
+def test_dropout_is_the_codes_except_on_acdc_and_the_flag_reaches_the_checkpoint(tmp_path):
     info = common.get_dataset("Phantom2D")
     count = lambda net: sum(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in net.modules())
     assert [count(n) for n in dk.build_networks(info)] == [1, 2]       # (C) A: last feature; B: bottleneck + last
     assert [count(n) for n in dk.build_networks(info, dropout=False)] == [0, 0]
+    parser = common.add_common_args(argparse.ArgumentParser())
+    parser.add_argument("--dropout", default=None)
+    assert common.parse_args(parser, ["--dataset", "ACDC"], dk.DEFAULTS).dropout == "off"       # (R) ACDC
+    for dataset in ("LA", "Pancreas", "Phantom2D"):
+        assert common.parse_args(parser, ["--dataset", dataset], dk.DEFAULTS).dropout == "on"   # (C)
+    run("train_dualnet_kl.py", *SMOKE_2D, "--max_iterations", "1", "--dropout", "off", "--val_split", "none",
+        "--model_dir", tmp_path)
+    ckpt = torch.load(tmp_path / "Phantom2D_run_2_labeled" / "dualnet_kl" / "last.pth", weights_only=False)
+    assert [spec["kwargs"]["has_dropout"] for spec in ckpt["nets"]] == [False, False]
