@@ -74,9 +74,16 @@ def scale_iterations(n, reference_max, max_iterations):
 
 
 def lr_at(schedule, base_lr, iteration, max_iterations):
-    """Learning rate for `iteration` (0-based): poly (SSL4MIS, power 0.9), step (UA-MT: x0.1 every
+    """Learning rate that 0-based step `iteration` runs at: poly (SSL4MIS, power 0.9), step (x0.1 every
     2,500 of 6,000 iterations; a shorter run keeps the steps at the same fractions through
-    `scale_iterations`), linear (to 0) or constant (MC-Net)."""
+    `scale_iterations`), linear (to 0) or constant (MC-Net).
+
+    Timing as the official loops: they set the new rate *after* each optimizer step from that step's
+    index, so step k runs at the schedule's value for k - 1 and steps 0 and 1 both run at base_lr
+    (SSL4MIS/ICL poly; the dual network's x0.1 drops after the steps with index 2,500 and 5,000, so
+    the first step at 0.1 x base_lr has index 2,501). Scripts call this before the step, which keeps
+    the logged rate the one the step used and makes a resumed run exact."""
+    iteration = max(iteration - 1, 0)
     if schedule == "poly":
         return base_lr * (1.0 - iteration / max_iterations) ** 0.9
     if schedule == "step":
@@ -472,11 +479,11 @@ def network_spec(net):
     return spec
 
 
-def train_loader(args, info, root, labeled_only=False, rot_flip=None):
+def train_loader(args, info, root, labeled_only=False, rot_flip=None, pipeline="ssl4mis"):
     """DataLoader over the training list with the two-stream sampler; returns (loader, n_labeled,
     n_unlabeled). labeled_only: batches of --labeled_bs labeled samples (supervised baseline).
-    rot_flip: see train_transform (3D only)."""
-    dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size, rot_flip))
+    rot_flip (3D) and pipeline (2D): the method's official augmentation, see train_transform."""
+    dataset = SegDataset(info, root, "train", train_transform(info, args.patch_size, rot_flip, pipeline))
     labeled = labeled_indices(info, dataset.names, args.labeled_num, dataset.has_label)
     unlabeled = [] if labeled_only else sorted(set(range(len(dataset))) - set(labeled))
     batch_size = args.labeled_bs if labeled_only else args.batch_size

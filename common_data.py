@@ -238,11 +238,13 @@ def random_rot_flip(image, label, rng):
 
 
 def pad_to_patch(image, label, patch):
-    """Zero-pad every axis whose size is <= the patch by (patch - size) // 2 + 3 on both sides (UA-MT)."""
-    pad = [((p - s) // 2 + 3,) * 2 if s <= p else (0, 0) for s, p in zip(image.shape, patch)]
-    if any(a for a, _ in pad):
-        image, label = np.pad(image, pad), np.pad(label, pad)
-    return image, label
+    """UA-MT/MC-Net/SSL4MIS `RandomCrop` padding: once any axis is <= its patch size, zero-pad *every*
+    axis by max((patch - size) // 2 + 3, 0) on both sides (floor division, so an axis up to 5 voxels
+    larger than its patch is padded too). Shape 100x97x90, patch 96^3 -> 102x101x102."""
+    if all(s > p for s, p in zip(image.shape, patch)):
+        return image, label
+    pad = [(max((p - s) // 2 + 3, 0),) * 2 for s, p in zip(image.shape, patch)]
+    return np.pad(image, pad), np.pad(label, pad)
 
 
 def random_crop(image, label, patch, rng):
@@ -287,25 +289,33 @@ class Transform3D:
         return random_crop(image, label, self.patch_size, rng)
 
 
-class Transform2D:
-    """SSL4MIS RandomGenerator (protocol §4.3): with p 1/2 rot90+flip, else a random rotation; zoom to patch."""
+PIPELINES_2D = ("ssl4mis", "three_way")
 
-    def __init__(self, patch_size):
-        self.patch_size = tuple(patch_size)
+
+class Transform2D:
+    """The 2D `RandomGenerator`s, then a nearest zoom to the patch (protocol §4.3). Pipelines:
+    'ssl4mis' (SSL4MIS): rot90+flip with p 1/2, else a random rotation: every draw is changed;
+    'three_way' (ICL's and UniMatch's copies): rot90+flip with p 1/2, else a rotation with p 1/2, else
+    nothing: rotations 1/4 and unchanged 1/4 of the draws."""
+
+    def __init__(self, patch_size, pipeline="ssl4mis"):
+        if pipeline not in PIPELINES_2D:
+            raise ValueError(f"pipeline must be one of {PIPELINES_2D}, got {pipeline!r}")
+        self.patch_size, self.pipeline = tuple(patch_size), pipeline
 
     def __call__(self, image, label, rng):
         if rng.random() > 0.5:
             image, label = random_rot_flip(image, label, rng)
-        else:
+        elif self.pipeline == "ssl4mis" or rng.random() > 0.5:
             image, label = random_rotate_2d(image, label, rng)
         return zoom_to(image, self.patch_size), zoom_to(label, self.patch_size)
 
 
-def train_transform(info, patch_size, rot_flip=None):
-    """The data set's training augmentation. 3D: rot90/flip then crop (UA-MT), crop only for
-    Pancreas; rot_flip=False gives crop only everywhere (methods whose code does not augment)."""
+def train_transform(info, patch_size, rot_flip=None, pipeline="ssl4mis"):
+    """The data set's training augmentation. 2D: Transform2D with the named pipeline. 3D: rot90/flip
+    then crop (UA-MT), crop only for Pancreas (MC-Net); rot_flip=True/False forces either."""
     if info.dims == 2:
-        return Transform2D(patch_size)
+        return Transform2D(patch_size, pipeline)
     return Transform3D(patch_size, rot_flip=info.name != "Pancreas" if rot_flip is None else rot_flip)
 
 

@@ -125,7 +125,7 @@ def main(argv=None):
     info = common.get_dataset(args.dataset, args.root_path)
     root = common.resolve_root(info, args.root_path)
 
-    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root)
+    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, pipeline="three_way")  # (R) UniMatch's weak aug.
     # UniMatch's U-Net up-samples with transposed convolutions (reference 2.1).
     net = common.default_network(info, **({"upsample": "transpose"} if info.dims == 2 else {})).to(args.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)

@@ -183,9 +183,10 @@ def prototype_loss(f, yhat_u, unreliable, yhat_loser, num_classes, generator=Non
 
 def build_networks(info, dropout=True):
     """(C) A: ResNet-34-encoder V-Net (dropout on the last decoder feature only); B: V-Net with dropout
-    (bottleneck and last decoder feature); (R) their 2D forms for ACDC. dropout=False: neither has any."""
-    net_a = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout, residual_encoder=True)
-    net_b = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout)
+    (bottleneck and last decoder feature); both run the code's Kaiming-normal init pass over every conv;
+    (R) their 2D forms for ACDC. dropout=False: neither has any."""
+    net_a = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout, residual_encoder=True, init="kaiming")
+    net_b = VNet(dims=info.dims, num_classes=info.num_classes, has_dropout=dropout, init="kaiming")
     return net_a, net_b
 
 

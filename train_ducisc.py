@@ -195,7 +195,7 @@ def main(argv=None):
 
     loader, n_labeled, n_unlabeled = common.train_loader(args, info, root)
     net = build_network(info).to(args.device)
-    teacher = copy.deepcopy(net)                                              # (C) EMA teacher, same init
+    teacher = copy.deepcopy(net)  # (R) EMA teacher; the code builds an independent network (no effect: a_0 = 0)
     for p in teacher.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)

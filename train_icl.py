@@ -229,9 +229,10 @@ def main(argv=None):
     if any(p % step for p in args.patch_size):
         raise common.DataError(f"--patch_size {args.patch_size}: ICL's scales need multiples of {step}")
 
-    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root)
-    # (C) ACDC: the SSL4MIS U-Net with transposed-conv up-sampling; BraTS: unet_3D; LA/Pancreas: V-Net (R)
-    net = common.default_network(info, **({"upsample": "transpose"} if info.dims == 2 else {})).to(args.device)
+    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, pipeline="three_way")  # (C) its RandomGenerator
+    # (C) ACDC: the SSL4MIS U-Net (1x1 conv + bilinear up-sampling, default init); BraTS: unet_3D (Kaiming);
+    # LA/Pancreas: V-Net (R)
+    net = common.default_network(info).to(args.device)
     channels, shapes = icl_geometry(info.dims, args.patch_size)
     sspa = ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp), args.head_split).to(args.device)
     uscl = ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp), args.head_split).to(args.device)

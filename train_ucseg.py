@@ -61,7 +61,7 @@ from scipy import ndimage
 
 import common
 from unet2d import UNet
-from vnet import VNet, kaiming_init
+from vnet import VNet
 
 # Defaults per data set (ref §4): the code's T = 50,000, linear LR decay, weight decay 1e-5.
 DEFAULTS = {
@@ -225,10 +225,9 @@ class UCSegModel(nn.Module):
         super().__init__()
         self.config = dict(dims=dims, num_classes=num_classes, patch_size=list(patch_size), upg_patch=upg_patch)
         self.binary = num_classes == 2
-        self.net1 = UNet(dims=dims, num_classes=num_classes)               # (C) unet_2D / unet_3D
-        self.net2 = VNet(dims=dims, num_classes=num_classes, normalization="none", has_dropout=False)  # (C)
-        if dims == 2:
-            kaiming_init(self.net2)                                        # (C) the 2D V-Net's init
+        self.net1 = UNet(dims=dims, num_classes=num_classes)               # (C) unet_2D (default init) / unet_3D (Kaiming)
+        self.net2 = VNet(dims=dims, num_classes=num_classes, normalization="none", has_dropout=False,
+                         init="kaiming" if dims == 2 else "default")      # (C) only the 2D V-Net runs its Kaiming pass
         self.upg = UPG(dims, num_classes, patch_size, upg_patch)
 
     def outputs(self, x):
@@ -336,7 +335,7 @@ def main(argv=None):
         raise common.DataError(f"UC-Seg pairs labeled and unlabeled samples: --batch_size {args.batch_size} must "
                                f"be twice --labeled_bs {lbs}")
 
-    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root)
+    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, rot_flip=True)  # (C) rot/flip + crop in 3D
     model = UCSegModel(dims, C, args.patch_size, args.upg_patch).to(args.device)
     feat_dims = (64, 128, 256)                                             # (C) features[-3], [-2], [-1]
     ccp = nn.ModuleList([CCP(C, d, QUEUE_K[dims], shared_pointer=args.as_released,

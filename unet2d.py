@@ -6,12 +6,14 @@ dropout 0.05, 0.1, 0.2, 0.3, 0.5 and none in the decoder; max-pool down; up-samp
 and bilinear interpolation; concatenated skips; 3x3 output conv. About the up-sampling: `UNet`'s
 params say `'bilinear': False`, but its `Decoder` never passes that to `UpBlock`, whose default
 `bilinear=True` is what runs (checked at SSL4MIS commit 06df604). `upsample='transpose'` gives the
-transposed-conv form that UniMatch's and ICL's copies use.
+transposed-conv form (CIFP's reconstruction; ICL's official U-Net runs the bilinear form, as SSL4MIS).
 
 3D defaults = SSL4MIS `unet_3D` as UC-Seg and ICL use it (`feature_scale=4`): the same channels,
 InstanceNorm + ReLU, trilinear up-sampling of the full channel count then concatenation
 (`upsample='interp'`), Dropout(0.3) on the bottleneck and on the last decoder feature, a 1x1x1
-classifier. (The 3D blocks here are the same conv-norm-act pairs as the 2D ones: a
+classifier, Kaiming-normal (fan_in) weights of every conv (`init='kaiming'`, the `unet_3D`
+constructor's pass; the 2D `UNet` keeps PyTorch's default, `init='default'`). (The 3D blocks
+here are the same conv-norm-act pairs as the 2D ones: a
 reconstruction of `unet_3D`'s `UnetConv3`, which has the same two-conv shape.)
 
 `aux_heads=True` adds 3x3 heads on the three coarse decoder stages (SSL4MIS `UNet_DS`), whose
@@ -22,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vnet import conv_nd, norm_layer
+from vnet import INITS, conv_nd, kaiming_init, norm_layer
 
 UPSAMPLE = ("bilinear", "transpose", "interp")
 
@@ -113,7 +115,7 @@ class UNetDecoder(nn.Module):
 class UNet(nn.Module):
     def __init__(self, dims=2, in_channels=1, num_classes=4, channels=(16, 32, 64, 128, 256),
                  encoder_dropout=None, bottleneck_dropout=None, final_dropout=None,
-                 normalization=None, upsample=None, aux_heads=False):
+                 normalization=None, upsample=None, aux_heads=False, init=None):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
@@ -129,13 +131,17 @@ class UNet(nn.Module):
             normalization = "batchnorm" if two_d else "instancenorm"
         if upsample is None:
             upsample = "bilinear" if two_d else "interp"
+        if init is None:
+            init = "default" if two_d else "kaiming"
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if len(channels) != 5 or len(encoder_dropout) != 5:
             raise ValueError("channels and encoder_dropout need 5 entries (one per encoder stage)")
         act, out_kernel = ("leakyrelu", 3) if two_d else ("relu", 1)
         self.config = dict(dims=dims, in_channels=in_channels, num_classes=num_classes,
                            channels=list(channels), encoder_dropout=list(encoder_dropout),
                            bottleneck_dropout=bottleneck_dropout, final_dropout=final_dropout,
-                           normalization=normalization, upsample=upsample, aux_heads=aux_heads)
+                           normalization=normalization, upsample=upsample, aux_heads=aux_heads, init=init)
         self.encoder = UNetEncoder(dims, in_channels, channels, encoder_dropout, normalization, act,
                                    bottleneck_dropout)
         self.decoder = UNetDecoder(dims, num_classes, channels, normalization, act, upsample,
@@ -144,6 +150,8 @@ class UNet(nn.Module):
         if aux_heads:
             self.aux = nn.ModuleList([conv_nd(dims)(c, num_classes, 3, padding=1)
                                       for c in (channels[3], channels[2], channels[1])])
+        if init == "kaiming":
+            kaiming_init(self)
 
     def aux_logits(self, decoder_features, upsample=True):
         """Logits of the three coarse decoder stages (1/8, 1/4, 1/2), upsampled (nearest) to full size,

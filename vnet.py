@@ -17,6 +17,10 @@ Options the methods need:
   the skip (MC-Net/DuCiSC `x5_up` ... `x8_up`, taken *before* that stage's convolutions; the aux
   heads then sit on them, as in DuCiSC's `networks/VNet.py`) instead of the stage outputs
   (`'output'`, UA-MT's x6 ... x9).
+- `init`: 'default' (PyTorch's own initialisation: UA-MT, MC-Net and DuCiSC leave their Kaiming pass
+  commented out) or 'kaiming' (`kaiming_init` below: the dual-network code's `vnet.py` and
+  `ResNet34.py` and UC-Seg's 2D V-Net run it in their constructors). None picks 'kaiming' for the
+  residual encoder (that code always runs it) and 'default' otherwise.
 
 Interface shared with unet2d.UNet: `net(x)` -> logits; `net.encoder(x)` -> features shallow to
 deep; `net.decoder(features)` -> (logits, decoder_features coarse to fine);
@@ -168,13 +172,18 @@ class VNetDecoder(nn.Module):
 
 class VNet(nn.Module):
     def __init__(self, dims=3, in_channels=1, num_classes=2, n_filters=16, normalization="batchnorm",
-                 has_dropout=False, residual_encoder=False, aux_heads=False, feature_taps="output"):
+                 has_dropout=False, residual_encoder=False, aux_heads=False, feature_taps="output", init=None):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
+        if init is None:
+            init = "kaiming" if residual_encoder else "default"
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.config = dict(dims=dims, in_channels=in_channels, num_classes=num_classes, n_filters=n_filters,
                            normalization=normalization, has_dropout=has_dropout,
-                           residual_encoder=residual_encoder, aux_heads=aux_heads, feature_taps=feature_taps)
+                           residual_encoder=residual_encoder, aux_heads=aux_heads, feature_taps=feature_taps,
+                           init=init)
         if residual_encoder:
             self.encoder = ResNet34Encoder(dims, in_channels, n_filters)
         else:
@@ -184,7 +193,7 @@ class VNet(nn.Module):
         if aux_heads:
             self.aux = nn.ModuleList([conv_nd(dims)(c, num_classes, 1)
                                       for c in (8 * n_filters, 4 * n_filters, 2 * n_filters)])
-        if residual_encoder:
+        if init == "kaiming":
             kaiming_init(self)
 
     def aux_logits(self, decoder_features, upsample=True):
@@ -204,8 +213,13 @@ class VNet(nn.Module):
         return logits
 
 
+INITS = ("default", "kaiming")
+
+
 def kaiming_init(module):
-    """Kaiming-normal convs, BN weight 1 / bias 0 (the dual-network code's init pass)."""
+    """Kaiming-normal (fan_in, gain sqrt 2) weights of every conv and transposed conv, biases left at
+    PyTorch's default; BN weight 1, bias 0. The init pass of the dual-network code (`vnet.py`,
+    `ResNet34.py`), UC-Seg's 2D V-Net and, for its convs, SSL4MIS `unet_3D` (no BN there: InstanceNorm)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv3d, nn.Conv2d, nn.ConvTranspose3d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight)

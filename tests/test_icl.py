@@ -147,7 +147,7 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     run("train_icl.py", *args, "--max_iterations", "2")
     ckpt = tmp_path / "Phantom2D_run_2_labeled" / "icl" / "last.pth"
     saved = torch.load(ckpt, weights_only=False)
-    assert [n["name"] for n in saved["nets"]] == ["UNet"] and saved["nets"][0]["kwargs"]["upsample"] == "transpose"
+    assert [n["name"] for n in saved["nets"]] == ["UNet"] and saved["nets"][0]["kwargs"]["upsample"] == "bilinear"  # the official ICL U-Net
     assert not any(k.startswith(("sspa", "uscl")) for k in saved["state_dicts"][0])   # modules dropped at test time
     assert {"sspa", "uscl"} <= set(saved["models"])                                  # but kept for --resume
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)

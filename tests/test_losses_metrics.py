@@ -35,14 +35,17 @@ def test_schedules():
     assert common.sigmoid_rampup(0, 40) == pytest.approx(math.exp(-5))
     assert common.sigmoid_rampup(20, 40) == pytest.approx(math.exp(-5 * 0.25))
     assert common.sigmoid_rampup(100, 40) == 1.0
+    # step k runs at the schedule's value for k - 1 (the official loops set the rate after the step)
     assert common.lr_at("poly", 0.01, 0, 100) == 0.01
-    assert common.lr_at("poly", 0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert common.lr_at("step", 0.01, 2499, 6000) == 0.01
-    assert common.lr_at("step", 0.01, 5000, 6000) == pytest.approx(0.0001)
-    assert common.lr_at("step", 0.01, 832, 2000) == 0.01   # a 2,000-iteration run steps at 833 and 1,666
-    assert common.lr_at("step", 0.01, 833, 2000) == pytest.approx(0.001)
-    assert common.lr_at("step", 0.01, 1666, 2000) == pytest.approx(0.0001)
-    assert common.lr_at("linear", 0.01, 75, 100) == pytest.approx(0.0025)
+    assert common.lr_at("poly", 0.01, 1, 100) == 0.01
+    assert common.lr_at("poly", 0.01, 51, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert common.lr_at("step", 0.01, 2500, 6000) == 0.01
+    assert common.lr_at("step", 0.01, 2501, 6000) == pytest.approx(0.001)
+    assert common.lr_at("step", 0.01, 5001, 6000) == pytest.approx(0.0001)
+    assert common.lr_at("step", 0.01, 833, 2000) == 0.01   # a 2,000-iteration run drops after steps 833 and 1,666
+    assert common.lr_at("step", 0.01, 834, 2000) == pytest.approx(0.001)
+    assert common.lr_at("step", 0.01, 1667, 2000) == pytest.approx(0.0001)
+    assert common.lr_at("linear", 0.01, 76, 100) == pytest.approx(0.0025)
     assert common.lr_at("constant", 0.01, 99, 100) == 0.01
 
 
