@@ -331,27 +331,48 @@ class Predictor:
         return sum(probs) / len(probs)
 
 
-def predict_case(predict, info, image, patch, stride=None, sw_batch_size=4, gaussian=False):
-    """Label map of one case: slice-wise for 2D data sets, sliding window for 3D."""
+def largest_component(mask):
+    """Keep the largest connected component (full connectivity, as skimage.measure.label) of a bool array."""
+    from scipy import ndimage
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+    if n <= 1:
+        return mask
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+
+
+def keep_largest_components(label_map, num_classes):
+    """Post-processing `--lcc on` (the LA test scripts' `--nms 1`, `getLargestCC`): each foreground class of
+    a whole-case label map keeps only its largest connected component; the rest becomes background."""
+    out = np.zeros_like(label_map)
+    for c in range(1, num_classes):
+        out[largest_component(label_map == c)] = c
+    return out
+
+
+def predict_case(predict, info, image, patch, stride=None, sw_batch_size=4, gaussian=False, lcc=False):
+    """Label map of one case: slice-wise for 2D data sets, sliding window for 3D; lcc: then
+    keep_largest_components."""
     if info.dims == 2:
-        return predict_slices(predict, image, patch)
-    image = torch.from_numpy(image).to(predict.device)
-    probs = sliding_window(predict, image, patch, stride or info.stride, info.num_classes, sw_batch_size, gaussian)
-    return probs.argmax(0).cpu().numpy().astype(np.uint8)
+        pred = predict_slices(predict, image, patch)
+    else:
+        image = torch.from_numpy(image).to(predict.device)
+        probs = sliding_window(predict, image, patch, stride or info.stride, info.num_classes, sw_batch_size, gaussian)
+        pred = probs.argmax(0).cpu().numpy().astype(np.uint8)
+    return keep_largest_components(pred, info.num_classes) if lcc else pred
 
 
 @torch.no_grad()
 def evaluate(predict, info, cases, patch, stride=None, sw_batch_size=4, distances=True, progress=False,
-             on_case=None):
+             on_case=None, lcc=False):
     """The one evaluation path (training-time validation and the test scripts): predict every case,
     metrics per class per case on the full volume. Returns (rows, summary); on_case(name, image,
-    label, pred) is called for each case (for saving predictions)."""
+    label, pred) is called for each case (for saving predictions); lcc: largest component per class."""
     for net in predict.nets:
         net.eval()
     rows = []
     it = tqdm(cases, desc="evaluating", leave=False) if progress else cases
     for name, image, label in it:
-        pred = predict_case(predict, info, image, patch, stride, sw_batch_size)
+        pred = predict_case(predict, info, image, patch, stride, sw_batch_size, lcc=lcc)
         rows.append({"case": name, "metrics": case_metrics(pred, label, info.num_classes, distances)})
         if on_case is not None:
             on_case(name, image, label, pred)
@@ -527,8 +548,12 @@ class Run:
     resume needs). Use as a context manager: the first Ctrl-C finishes the current iteration,
     writes last.pth and exits; a second one aborts at once."""
 
-    def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None):
+    def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None, test_rules=None):
+        """test_rules: the official test's rules, stored in every checkpoint for the test scripts:
+        {"lcc": keep the largest component per class, "stride": 3D sliding-window stride or None for
+        the data set's}. Training-time validation does not apply them (a cheaper, shared rule)."""
         self.args, self.method, self.info = args, method, get_dataset(args.dataset, args.root_path)
+        self.test_rules = {"lcc": False, "stride": None, **(test_rules or {})}
         self.models, self.optimizers, self.state = models, optimizers, state if state is not None else {}
         self.eval_models = list(eval_models)
         self.dir = Path(args.model_dir) / f"{args.dataset}_{args.exp}_{args.labeled_num}_labeled" / method
@@ -651,7 +676,7 @@ class Run:
     def _eval_payload(self):
         nets = [self.models[k] for k in self.eval_models]
         return {"method": self.method, "dataset": self.args.dataset, "iteration": self.iteration,
-                "args": vars(self.args), "inference": "softmax_mean",
+                "args": vars(self.args), "inference": "softmax_mean", "test_rules": self.test_rules,
                 "nets": [network_spec(n) for n in nets],
                 "state_dicts": [n.state_dict() for n in nets]}
 
@@ -752,7 +777,12 @@ def test_main(dims, argv=None):
     p.add_argument("--root_path", default=None, help="data root (default: the one the run trained on)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sw_batch_size", type=int, default=None, help=SW_BATCH_HELP)
-    p.add_argument("--stride", type=int, nargs="+", default=None, help="sliding-window stride (3D)")
+    p.add_argument("--stride", type=int, nargs="+", default=None,
+                   help="sliding-window stride (3D); default: the method's official test stride stored in the "
+                        "checkpoint, else the data set's")
+    p.add_argument("--lcc", choices=["auto", "on", "off"], default="auto",
+                   help="keep the largest connected component of each class (the LA tests' --nms 1); auto: as the "
+                        "method's official test, stored in the checkpoint (UC-Seg 3D: on; others: off)")
     p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
     p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
     p.add_argument("--member", type=int, default=None,
@@ -782,15 +812,21 @@ def test_main(dims, argv=None):
         def save(name, image, label, pred):  # identity affine: the h5 files store no spacing
             for kind, arr in (("img", image.astype(np.float32)), ("gt", label), ("pred", pred)):
                 nib.save(nib.Nifti1Image(np.asarray(arr), np.eye(4)), nii_dir / f"{name}_{kind}.nii.gz")
+    rules = ckpt.get("test_rules", {})
+    lcc = rules.get("lcc", False) if a.lcc == "auto" else a.lcc == "on"
+    stride = a.stride or rules.get("stride")
+    if stride is not None and len(stride) != 3:
+        raise SystemExit(f"--stride needs 3 numbers, got {stride}")
     t0 = time.time()
-    rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], a.stride, a.sw_batch_size,
-                             progress=True, on_case=save)
+    rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], stride, a.sw_batch_size,
+                             progress=True, on_case=save, lcc=lcc)
     seconds = time.time() - t0
-    summary = {"checkpoint": str(ckpt_path), "iteration": ckpt["iteration"], "split": split,
-               "eval_seconds": round(seconds, 1), **summary}
+    summary = {"checkpoint": str(ckpt_path), "iteration": ckpt["iteration"], "split": split, "lcc": lcc,
+               "stride": list(stride or info.stride or []), "eval_seconds": round(seconds, 1), **summary}
     member = "" if a.member is None else f" (network {a.member} of {len(ckpt['nets'])} only)"
     print_results(rows, summary, info, f"{ckpt['method']}{member} on {info.name} {split}, {ckpt_path} "
-                  f"(iteration {ckpt['iteration']}), {seconds:.1f} s")
+                  f"(iteration {ckpt['iteration']}), {seconds:.1f} s; largest component per class: "
+                  f"{'on' if lcc else 'off'}" + (f"; stride {list(stride or info.stride)}" if info.dims == 3 else ""))
     write_results(rows, summary, info, ckpt_path.parent / f"{stem}_cases.csv", ckpt_path.parent / f"{stem}_summary.csv")
     print(f"wrote {ckpt_path.parent / (stem + '_cases.csv')} and {stem}_summary.csv"
           + (f"; NIfTI in {nii_dir}" if a.save_nii else ""))

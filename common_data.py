@@ -289,14 +289,93 @@ class Transform3D:
         return random_crop(image, label, self.patch_size, rng)
 
 
-PIPELINES_2D = ("ssl4mis", "three_way")
+# ---- UC-Seg's ACDC pipeline (albumentations in its code), written with scipy; parameters named after the calls ----
+def shift_scale_rotate(image, label, rng, shift_limit=0.0625, scale_limit=0.05, rotate_limit=10):
+    """`ShiftScaleRotate`: rotation by U(-rotate_limit, rotate_limit) degrees and zoom by 1 + U(-scale_limit,
+    scale_limit) about the centre, then a shift by U(-shift_limit, shift_limit) of each side; image linear,
+    label nearest, reflect-101 border (cv2's default there, scipy's 'mirror'). Returns the parameters too."""
+    angle = rng.uniform(-rotate_limit, rotate_limit)
+    scale = 1.0 + rng.uniform(-scale_limit, scale_limit)
+    dx, dy = rng.uniform(-shift_limit, shift_limit), rng.uniform(-shift_limit, shift_limit)
+    h, w = image.shape
+    a = math.radians(angle)
+    # output (row, col) = S R (input - c) + c + t; affine_transform wants input = M out + offset
+    rot = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]) * scale  # sign immaterial: U(-l, l)
+    inv = np.linalg.inv(rot)
+    c, t = np.array([(h - 1) / 2, (w - 1) / 2]), np.array([dy * h, dx * w])
+    offset = c - inv @ (c + t)
+    image = ndimage.affine_transform(image, inv, offset, order=1, mode="mirror")
+    label = ndimage.affine_transform(label, inv, offset, order=0, mode="mirror")
+    return image, label, dict(angle=angle, scale=scale, dx=dx, dy=dy)
+
+
+def grid_distortion(image, label, rng, num_steps=5, distort_limit=0.05):
+    """`GridDistortion`: the image is cut into num_steps cells per axis and each cell's width (height) is
+    scaled by 1 + U(-distort_limit, distort_limit); image linear, label nearest, reflect-101 border."""
+    coords = []
+    for size in image.shape:
+        step, steps = size // num_steps, 1 + rng.uniform(-distort_limit, distort_limit, num_steps + 1)
+        grid, prev = np.zeros(size, np.float64), 0.0
+        for i in range(num_steps + 1):
+            start, end = i * step, min(i * step + step, size)
+            cur = size if i * step + step > size else prev + step * steps[i]
+            grid[start:end] = np.linspace(prev, cur, end - start)
+            prev = cur
+        coords.append(grid)
+    rows, cols = np.meshgrid(*coords, indexing="ij")
+    return (ndimage.map_coordinates(image, [rows, cols], order=1, mode="mirror"),
+            ndimage.map_coordinates(label, [rows, cols], order=0, mode="mirror"))
+
+
+def elastic(image, label, rng, alpha=1.0, sigma=50.0):
+    """`ElasticTransform` without its affine part: a displacement field of uniform noise in [-1, 1]
+    smoothed by a Gaussian of sigma and scaled by alpha, per axis (at alpha 1, sigma 50 it moves pixels by
+    hundredths of a pixel: the official setting is nearly the identity)."""
+    rows, cols = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in image.shape], indexing="ij")
+    d = [alpha * ndimage.gaussian_filter(rng.uniform(-1, 1, image.shape), sigma, mode="constant") for _ in range(2)]
+    return (ndimage.map_coordinates(image, [rows + d[0], cols + d[1]], order=1, mode="mirror"),
+            ndimage.map_coordinates(label, [rows + d[0], cols + d[1]], order=0, mode="mirror"))
+
+
+def coarse_dropout(image, label, rng, min_holes=5, max_holes=8, size_fraction=1 / 20):
+    """`CoarseDropout(max_holes=8, min_holes=5, max_height=H // 20, max_width=W // 20, fill_value=0,
+    mask_fill_value=0)`: 5 to 8 holes of exactly (H // 20) x (W // 20) pixels (the minimum sizes default
+    to the maximum), anywhere inside, set to 0 in the image and to background in the label."""
+    image, label = image.copy(), label.copy()
+    hh, hw = max(1, int(image.shape[0] * size_fraction)), max(1, int(image.shape[1] * size_fraction))
+    for _ in range(int(rng.integers(min_holes, max_holes + 1))):
+        y, x = int(rng.integers(0, image.shape[0] - hh + 1)), int(rng.integers(0, image.shape[1] - hw + 1))
+        image[y:y + hh, x:x + hw], label[y:y + hh, x:x + hw] = 0, 0
+    return image, label
+
+
+def ucseg_acdc_augment(image, label, rng):
+    """UC-Seg's ACDC training pipeline after the resize: horizontal flip (p 0.5), vertical flip (p 0.5),
+    ShiftScaleRotate (p 0.5), one of GridDistortion / ElasticTransform (p 0.25), CoarseDropout (p 0.5)."""
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    if rng.random() < 0.5:
+        image, label = image[::-1], label[::-1]
+    image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
+    if rng.random() < 0.5:
+        image, label, _ = shift_scale_rotate(image, label, rng)
+    if rng.random() < 0.25:
+        image, label = (grid_distortion if rng.random() < 0.5 else elastic)(image, label, rng)
+    if rng.random() < 0.5:
+        image, label = coarse_dropout(image, label, rng)
+    return image, label
+
+
+PIPELINES_2D = ("ssl4mis", "three_way", "ucseg")
 
 
 class Transform2D:
     """The 2D `RandomGenerator`s, then a nearest zoom to the patch (protocol §4.3). Pipelines:
     'ssl4mis' (SSL4MIS): rot90+flip with p 1/2, else a random rotation: every draw is changed;
     'three_way' (ICL's and UniMatch's copies): rot90+flip with p 1/2, else a rotation with p 1/2, else
-    nothing: rotations 1/4 and unchanged 1/4 of the draws."""
+    nothing: rotations 1/4 and unchanged 1/4 of the draws;
+    'ucseg' (UC-Seg's albumentations pipeline): nearest resize to the patch first, then
+    `ucseg_acdc_augment`."""
 
     def __init__(self, patch_size, pipeline="ssl4mis"):
         if pipeline not in PIPELINES_2D:
@@ -304,6 +383,8 @@ class Transform2D:
         self.patch_size, self.pipeline = tuple(patch_size), pipeline
 
     def __call__(self, image, label, rng):
+        if self.pipeline == "ucseg":
+            return ucseg_acdc_augment(zoom_to(image, self.patch_size), zoom_to(label, self.patch_size), rng)
         if rng.random() > 0.5:
             image, label = random_rot_flip(image, label, rng)
         elif self.pipeline == "ssl4mis" or rng.random() > 0.5:

@@ -282,8 +282,9 @@ def main(argv=None):
             # Prototype loss on the loser's uncertain features (ref §3.6)
             with torch.set_grad_enabled(not args.as_released):        # (C) released: under no_grad
                 loss_c, n_sampled, proto_gap = prototype_loss(f_loser, yhat_u, unreliable, p_loser.argmax(1), C)
-            if args.as_released:
+            if args.as_released and n_sampled > 0:
                 loss_c = loss_c + proto_gap                           # (C) the released value adds the gap
+            # (no voxel sampled: the released value is NaN (an empty mean); logged as 0, see the docstring)
             ramp = common.sigmoid_rampup(iteration // ramp_every, RAMP_STEPS)
             lambda_c = LAMBDA_C * ramp                                # (C) lambda_c(t) = 0.1 sigmoid_rampup(t // 150, 40)
             w_u = ramp if args.u_rampup and not args.as_released else 1.0  # (R) w_u(t), ref §3.7

@@ -40,8 +40,9 @@ Reconstructions (R) and other choices:
   Other sizes stop with an error naming --upg_patch. Inference uses the training patch (2D slices
   are zoomed to it; 3D sliding windows have its size).
 - The largest-connected-component clean-up is applied to every pseudo-label and own-prediction mask
-  (code: 3D and ACDC; its 2D binary trainer skips it); the test scripts do not apply it (the code's
-  3D test does).
+  (code: 3D and ACDC; its 2D binary trainer skips it). Test time as the code: in 3D the largest
+  component is kept and the window stride is 18/18/4 on LA and Pancreas (stored in the checkpoint;
+  `test_3d.py --lcc off --stride ...` overrides); ACDC predictions are not post-processed.
 - Warm-up of the copy-paste stage (12,000 of 50,000 iterations in 2D, 6,000 in 3D) and the
   unsupervised ramp (200 steps of 150 iterations) scale with a shorter --max_iterations through
   common.scale_iterations; AU annealing and the queue gate use t / T and need no scaling.
@@ -57,7 +58,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import ndimage
 
 import common
 from unet2d import UNet
@@ -137,14 +137,6 @@ def prediction_consistency(P1, P2):
         return F.binary_cross_entropy(P1[:, -1].clamp(1e-8, 1 - 1e-7), P2[:, -1].float())
 
 
-def largest_component(mask):
-    """Keep the largest connected component (full connectivity, as skimage.measure.label) of a bool array."""
-    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, mask.ndim))
-    if n <= 1:
-        return mask
-    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
-
-
 @torch.no_grad()
 def hard_prediction(z, binary):
     """(C) hard one-hot mask of a prediction with the largest component of each foreground class per sample:
@@ -154,7 +146,7 @@ def hard_prediction(z, binary):
     out = np.zeros(labels.shape, dtype=np.int64)
     for b, lab in enumerate(labels.cpu().numpy()):                        # one sync: scipy on the CPU
         for c in range(1, C):
-            out[b][largest_component(lab == c)] = c
+            out[b][common.largest_component(lab == c)] = c
     return F.one_hot(torch.from_numpy(out).to(z.device), C).movedim(-1, 1).float()
 
 
@@ -335,14 +327,17 @@ def main(argv=None):
         raise common.DataError(f"UC-Seg pairs labeled and unlabeled samples: --batch_size {args.batch_size} must "
                                f"be twice --labeled_bs {lbs}")
 
-    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, rot_flip=True)  # (C) rot/flip + crop in 3D
+    # (C) 3D: rot90/flip + crop (Pancreas too); 2D: the code's albumentations pipeline, written with scipy
+    loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, rot_flip=True, pipeline="ucseg")
     model = UCSegModel(dims, C, args.patch_size, args.upg_patch).to(args.device)
     feat_dims = (64, 128, 256)                                             # (C) features[-3], [-2], [-1]
     ccp = nn.ModuleList([CCP(C, d, QUEUE_K[dims], shared_pointer=args.as_released,
                              init_class_axis=args.as_released and dims == 2) for d in feat_dims]).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-5)  # (C)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
-    run = common.Run(args, "ucseg", models={"model": model, "ccp": ccp},
+    # (C) the 3D test keeps the largest component and slides with stride 18/18/4 on LA and Pancreas alike
+    test_rules = {"lcc": True, "stride": (18, 18, 4)} if dims == 3 else {}
+    run = common.Run(args, "ucseg", models={"model": model, "ccp": ccp}, test_rules=test_rules,
                      optimizers={"optimizer": optimizer, "scaler": scaler}, eval_models=("model",))
     mix_start = common.scale_iterations(MIX_START[dims], T_REF, args.max_iterations)
     ramp_every = common.scale_iterations(RAMP_EVERY, T_REF, args.max_iterations)
