@@ -1,0 +1,98 @@
+"""Golden parity of one whole training iteration per method against its official code
+(tests/golden/README.md): from the same weights (tests/golden_fill.py) and batch, every loss term, the
+gradient with respect to the input images and each parameter's SGD update (its sum and norm), with
+dropout and stochastic depth switched off on both sides so that nothing random remains."""
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import train_icl
+from golden_fill import execution_order, fill
+from unet2d import UNet
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def updates_by_module(order, before):
+    """[(gradient sum, gradient norm, update sum, update norm)] of each parameter, sorted by (parameter
+    shapes, k, j) as golden_fill seeds them."""
+    counts, rows = {}, []
+    for m in order:
+        params = list(m.named_parameters(recurse=False))
+        signature = tuple(tuple(p.shape) for _, p in params)
+        k = counts[signature] = counts.get(signature, -1) + 1
+        for j, (_, p) in enumerate(params):
+            d = (p.detach() - before[id(p)]).double()
+            grad = (p.grad if p.grad is not None else torch.zeros_like(p)).double()
+            rows.append(((signature, k, j), [float(grad.sum()), float(grad.norm()), float(d.sum()), float(d.norm())]))
+    return np.array([r for _, r in sorted(rows)])
+
+
+def assert_close_updates(ours, official):
+    """Parameters that did not move (outside the loss graph: the official ICL modules run query convolutions
+    whose output nothing uses; ours does not run them) are left out on both sides."""
+    ours, official = ours[ours[:, 3] > 0], official[official[:, 3] > 0]
+    assert ours.shape == official.shape
+    # gradients: relative 1e-4; absolute 5e-7 for gradients that are zero up to float32 noise (a conv bias
+    # before a batch norm), against gradient norms of 1e-3 to 1
+    np.testing.assert_allclose(ours[:, 1], official[:, 1], rtol=1e-4, atol=5e-7)      # gradient norms
+    # gradient sums cancel: each within 1e-3 of itself plus 1e-5 of its gradient's norm, where that norm is
+    # above the float32 noise floor (1e-5: a conv bias before a batch norm has a zero gradient up to noise)
+    s, ref, norm = ours[:, 0], official[:, 0], official[:, 1]
+    assert np.all((np.abs(s - ref) <= 1e-3 * np.abs(ref) + 1e-5 * norm + 5e-7) | (norm < 1e-5))
+    # parameters after the step: float32 storage rounds (p + step) - p to about 1e-7 of |p| per element
+    np.testing.assert_allclose(ours[:, 2:], official[:, 2:], rtol=1e-3, atol=2e-7)
+
+
+class ICLModel(nn.Module):
+    """The three trained parts of train_icl.py, called in its loop's order."""
+
+    def __init__(self):
+        super().__init__()
+        channels, shapes = train_icl.icl_geometry(2, (32, 32))
+        self.net = UNet(dims=2, num_classes=4)           # what train_icl.py builds for ACDC
+        self.sspa = train_icl.ICLModule(2, channels, shapes, 4)
+        self.uscl = train_icl.ICLModule(2, channels, shapes, 4)
+
+    def forward(self, x_l, x_u):
+        p_l, feats_l = train_icl.icl_features(self.net, x_l)
+        p_u, feats_u = train_icl.icl_features(self.net, x_u)
+        M_l, proxies = self.sspa(feats_l)
+        M_u, _ = self.sspa(feats_u)
+        G_u, _ = self.uscl(feats_u, proxies)
+        return p_l, p_u, M_l, M_u, G_u
+
+
+def test_icl_iteration_matches_the_official_one(monkeypatch):
+    g = np.load(GOLDEN / "icl_iteration.npz")
+    monkeypatch.setattr(train_icl, "DROP_PATH", 0.0)
+    model = ICLModel()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    x_l, x_u, y_l = (torch.from_numpy(g[k]) for k in ("x_l", "x_u", "y_l"))
+    forward = lambda n, v: n(*v)  # noqa: E731
+    fill(model, (x_l, x_u), forward).train()
+    order = execution_order(model, (x_l, x_u), forward)
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    xl, xu = x_l.clone().requires_grad_(True), x_u.clone().requires_grad_(True)
+    # the loop body of train_icl.py
+    p_l, p_u, M_l, M_u, G_u = model(xl, xu)
+    loss_seg = train_icl.seg_loss(p_l, y_l)
+    loss_spa = train_icl.spa_loss(M_l, y_l)
+    loss_usc = train_icl.usc_loss(G_u, p_u)
+    loss_con = train_icl.con_loss(G_u, M_u)
+    loss = loss_seg + loss_spa + 1.0 * loss_usc + 50.0 * loss_con
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    np.testing.assert_allclose(p_l.detach().numpy(), g["logits_l"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p_u.detach().numpy(), g["logits_u"], rtol=1e-4, atol=1e-5)
+    terms = [t.item() for t in (loss_seg, loss_spa, loss_usc, loss_con, loss)]
+    np.testing.assert_allclose(terms, g["terms"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(xl.grad.numpy(), g["grad_x_l"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(xu.grad.numpy(), g["grad_x_u"], rtol=1e-4, atol=1e-6)
+    assert_close_updates(updates_by_module(order, before), g["updates"])
