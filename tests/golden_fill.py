@@ -30,14 +30,16 @@ def execution_order(net, x, forward=None):
     return seen
 
 
-def fill(net, x, forward=None):
+def fill(net, x, forward=None, salt=0):
+    """salt != 0 gives other values (a second network of the same layout, e.g. a teacher)."""
     counts = {}
     with torch.no_grad():
         for m in execution_order(net, x, forward):
             params = list(m.named_parameters(recurse=False))
             signature = tuple(tuple(p.shape) for _, p in params)
             k = counts[signature] = counts.get(signature, -1) + 1
-            g = torch.Generator().manual_seed(zlib.crc32(repr((signature, k)).encode()))
+            key = (signature, k) if salt == 0 else (salt, signature, k)
+            g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
             for name, p in params:
                 if p.dim() >= 2:
                     p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import common
+import train_ducisc as dc
 import train_icl
 from golden_fill import execution_order, fill
 from unet2d import UNet
@@ -42,8 +44,10 @@ def assert_close_updates(ours, official):
     # above the float32 noise floor (1e-5: a conv bias before a batch norm has a zero gradient up to noise)
     s, ref, norm = ours[:, 0], official[:, 0], official[:, 1]
     assert np.all((np.abs(s - ref) <= 1e-3 * np.abs(ref) + 1e-5 * norm + 5e-7) | (norm < 1e-5))
-    # parameters after the step: float32 storage rounds (p + step) - p to about 1e-7 of |p| per element
-    np.testing.assert_allclose(ours[:, 2:], official[:, 2:], rtol=1e-3, atol=2e-7)
+    # parameters after the step: float32 storage rounds (p + step) - p to about 1e-7 of |p| per element,
+    # so an update's norm within 1e-3 and its sum within 1e-3 of the update's norm
+    np.testing.assert_allclose(ours[:, 3], official[:, 3], rtol=1e-3, atol=2e-7)
+    assert np.all(np.abs(ours[:, 2] - official[:, 2]) <= 1e-3 * np.abs(official[:, 2]) + 1e-3 * official[:, 3] + 2e-7)
 
 
 class ICLModel(nn.Module):
@@ -96,3 +100,64 @@ def test_icl_iteration_matches_the_official_one(monkeypatch):
     np.testing.assert_allclose(xl.grad.numpy(), g["grad_x_l"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(xu.grad.numpy(), g["grad_x_u"], rtol=1e-4, atol=1e-6)
     assert_close_updates(updates_by_module(order, before), g["updates"])
+
+
+def test_ducisc_iteration_matches_the_official_one():
+    """3D binary, the first iteration after the warm-up (every term active, thresholds updated), from a
+    mid-run threshold state; the teacher is a second network with its own weights, as in the code."""
+    g = np.load(GOLDEN / "ducisc_iteration.npz")
+    info = common.get_dataset("LA")
+    net, teacher = dc.build_network(info), dc.build_network(info)
+    for m in list(net.modules()) + list(teacher.modules()):
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    image, y = torch.from_numpy(g["volume"]), torch.from_numpy(g["label"])
+    forward = dc.forward_deepsup
+    fill(net, image[:2], forward).train()
+    fill(teacher, image[:2], forward, salt=1).train()
+    orders = execution_order(net, image[:2], forward), execution_order(teacher, image[:2], forward)
+    before = {id(p): p.detach().clone() for p in list(net.parameters()) + list(teacher.parameters())}
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    thresholds = torch.tensor(g["thresholds_before"], dtype=torch.float32)
+    image = image.clone().requires_grad_(True)
+    lbs, C = 2, 2
+    # the loop body of train_ducisc.py after the warm-up, with the code's sigma draws
+    x_l, y_l, x_u = image[:lbs], y[:lbs], image[lbs:]
+    O_l, F_l = forward(net, x_l)
+    O_u, F_u = forward(net, x_u)
+    with torch.no_grad():
+        O_T, _ = forward(teacher, x_u)
+    P_T = [torch.softmax(o, 1) for o in O_T]
+    y_hat = [P.argmax(1) for P in P_T]
+    Y_l = dc.onehot(y_l, C)
+    loss_sup, _, _ = dc.deepsup_loss(O_l, [dc.resize(Y_l, o.shape[2:], "nearest") for o in O_l])
+    certain = dc.certain_masks(P_T, thresholds)
+    loss_ulb, _, _ = dc.deepsup_loss(O_u, [dc.onehot(v, C) for v in y_hat], certain)
+    proto_l = dc.prototypes(F_l, [dc.resize(Y_l, f.shape[2:], "nearest") for f in F_l])
+    proto_u = dc.prototypes(F_u, [dc.onehot(v, C) for v in y_hat[::-1]])
+    loss_proto_ulb, _ = dc.prototype_loss(proto_l, proto_u)
+    sigma = torch.tensor(g["sigma"], dtype=torch.float32).view(lbs, 1, 1, 1, 1)
+    x_m = sigma * x_l + (1 - sigma) * x_u[:lbs]
+    y_m = sigma * Y_l + (1 - sigma) * dc.onehot(y_hat[-1][:lbs], C)
+    O_m, F_m = forward(net, x_m)
+    loss_mix, _, _ = dc.deepsup_loss(O_m, [dc.resize(y_m, o.shape[2:], "linear") for o in O_m],
+                                     [m[:lbs] for m in certain], soft=True)
+    proto_m = dc.prototypes(F_m, [dc.resize(y_m, f.shape[2:], "linear") for f in F_m])
+    loss_proto_mix, _ = dc.prototype_loss(proto_l, proto_m)
+    loss = dc.self_normalized(loss_sup)
+    for term, w in ((loss_ulb, 0.3), (loss_mix, 0.1), (loss_proto_ulb, 0.1), (loss_proto_mix, 0.1)):
+        loss = loss + w * dc.self_normalized(term)
+    new_thresholds = dc.update_thresholds(thresholds, [torch.softmax(o.detach(), 1) for o in O_u], y_hat)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    common.update_ema(teacher, net, dc.EMA_DECAY, 2000)
+
+    terms = [t.item() for t in (loss_sup, loss_ulb, loss_mix, loss_proto_ulb, loss_proto_mix, loss)]
+    np.testing.assert_allclose(terms, g["terms"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_thresholds.numpy(), g["thresholds_after"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(image.grad.numpy(), g["grad_volume"], rtol=1e-4, atol=1e-6)
+    assert_close_updates(updates_by_module(orders[0], before), g["student"])
+    assert_close_updates(updates_by_module(orders[1], before), g["teacher"])
