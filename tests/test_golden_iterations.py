@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 import train_ducisc as dc
+import train_dualnet_kl as dk
 import train_icl
 from golden_fill import execution_order, fill
 from unet2d import UNet
@@ -37,9 +39,9 @@ def assert_close_updates(ours, official):
     whose output nothing uses; ours does not run them) are left out on both sides."""
     ours, official = ours[ours[:, 3] > 0], official[official[:, 3] > 0]
     assert ours.shape == official.shape
-    # gradients: relative 1e-4; absolute 5e-7 for gradients that are zero up to float32 noise (a conv bias
-    # before a batch norm), against gradient norms of 1e-3 to 1
-    np.testing.assert_allclose(ours[:, 1], official[:, 1], rtol=1e-4, atol=5e-7)      # gradient norms
+    # gradients: relative 1e-4; absolute 5e-6 for gradients that are zero up to float32 noise (a conv bias
+    # before a batch norm reaches a few 1e-6 in a deep 3D network), against gradient norms of 1e-3 to 1
+    np.testing.assert_allclose(ours[:, 1], official[:, 1], rtol=1e-4, atol=5e-6)      # gradient norms
     # gradient sums cancel: each within 1e-3 of itself plus 1e-5 of its gradient's norm, where that norm is
     # above the float32 noise floor (1e-5: a conv bias before a batch norm has a zero gradient up to noise)
     s, ref, norm = ours[:, 0], official[:, 0], official[:, 1]
@@ -161,3 +163,55 @@ def test_ducisc_iteration_matches_the_official_one():
     np.testing.assert_allclose(image.grad.numpy(), g["grad_volume"], rtol=1e-4, atol=1e-6)
     assert_close_updates(updates_by_module(orders[0], before), g["student"])
     assert_close_updates(updates_by_module(orders[1], before), g["teacher"])
+
+
+def test_dualnet_as_released_iteration_matches_the_official_one():
+    """LA (3D binary), `--as_released` (the code's L_u and L_c: values without gradient), iteration 300
+    (lambda_c on its ramp). The code's L_c is NaN here (its entropy of logits is NaN, nothing is sampled):
+    this repository logs 0 for it, so it is not compared."""
+    g = np.load(GOLDEN / "dualnet_iteration.npz")
+    net_a, net_b = dk.build_networks(common.get_dataset("LA"))
+    for m in list(net_a.modules()) + list(net_b.modules()):
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    x, label = torch.from_numpy(g["x"]), torch.from_numpy(g["label"])
+    forward = lambda n, v: n(v)  # noqa: E731
+    fill(net_a, x, forward).train()
+    fill(net_b, x, forward).train()
+    orders = execution_order(net_a, x, forward), execution_order(net_b, x, forward)
+    before = {id(p): p.detach().clone() for p in list(net_a.parameters()) + list(net_b.parameters())}
+    opt_a = torch.optim.SGD(net_a.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt_b = torch.optim.SGD(net_b.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    x = x.clone().requires_grad_(True)
+    lbs, y_l, iteration = 2, label[:2], int(g["iteration"])
+    # the loop body of train_dualnet_kl.py with --as_released
+    z_A, dec_A = net_a.decoder(net_a.encoder(x))
+    z_B, dec_B = net_b.decoder(net_b.encoder(x))
+    p_A, p_B = torch.softmax(z_A, 1), torch.softmax(z_B, 1)
+    dice_A, dice_B = dk.foreground_dice(p_A[:lbs], y_l), dk.foreground_dice(p_B[:lbs], y_l)
+    M = dk.disagreement_mask(p_A[:lbs], p_B[:lbs])
+    cr_A, cr_B = dk.mutual_correction_loss(p_A[:lbs], y_l, M), dk.mutual_correction_loss(p_B[:lbs], y_l, M)
+    ce_A, ce_B = F.cross_entropy(z_A[:lbs], y_l), F.cross_entropy(z_B[:lbs], y_l)
+    loss_s_A, loss_s_B = ce_A + dice_A + dk.ALPHA * cr_A, ce_B + dice_B + dk.ALPHA * cr_B
+    b_wins = bool(dice_B < dice_A)
+    pu_A, pu_B = p_A[lbs:].detach(), p_B[lbs:].detach()
+    yhat_u = dk.fused_label(pu_A, pu_B)
+    unreliable = dk.unreliable_mask(dk.entropy(z_A[lbs:].detach()), dk.entropy(z_B[lbs:].detach()), 20)
+    loss_u_A, loss_u_B = dk.pseudo_label_loss(pu_A, yhat_u, unreliable), dk.pseudo_label_loss(pu_B, yhat_u, unreliable)
+    loss_kl, _ = dk.kl_weighted_loss(z_A, z_B)
+    loss_cos = dk.cosine_loss(p_A, p_B)
+    lambda_c = dk.LAMBDA_C * common.sigmoid_rampup(iteration // dk.RAMP_EVERY, dk.RAMP_STEPS)
+    loss = loss_s_A + loss_s_B + loss_u_A + loss_u_B + loss_kl + loss_cos   # + lambda_c L_c: no gradient as released
+    opt_a.zero_grad()
+    opt_b.zero_grad()
+    loss.backward()
+    opt_a.step()
+    opt_b.step()
+
+    terms = [t.item() for t in (ce_A, dice_A, cr_A, ce_B, dice_B, cr_B, loss_u_A, loss_u_B, loss_kl, loss_cos)]
+    np.testing.assert_allclose(terms + [lambda_c], g["terms"], rtol=1e-5, atol=1e-6)
+    assert b_wins == bool(g["b_wins"])
+    assert not unreliable.any()                             # the code's NaN percentile keeps every voxel
+    np.testing.assert_allclose(x.grad.numpy(), g["grad_x"], rtol=1e-4, atol=1e-6)
+    assert_close_updates(updates_by_module(orders[0], before), g["net_a"])
+    assert_close_updates(updates_by_module(orders[1], before), g["net_b"])
