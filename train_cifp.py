@@ -34,6 +34,10 @@ Reconstruction choices beyond the reference, and why:
   unlabeled data, a ramp-up, a learned-attention or AdaIN or memory-bank CIFP).
 - The 3D strong perturbations (contrast, noise, blur, 3D CutMix) are common.strong_augment /
   common.cutmix_box, a reconstruction for z-scored volumes.
+- Recipe around the losses (R, after UniMatch): U-Net with transposed-conv up-sampling and PyTorch's
+  default init; weak 2D augmentation = UniMatch's three-way generator (rot90+flip with p 1/2, else a
+  rotation with p 1/2, else nothing; `Transform2D(pipeline="three_way")`); the poly rate is set after
+  each step (step k runs at the value for k - 1), as UniMatch; no test-time post-processing.
 
     python train_cifp.py --dataset ACDC --labeled_num 7
     python train_cifp.py --dataset LA --labeled_num 8

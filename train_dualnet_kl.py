@@ -35,6 +35,10 @@ Deviations from the official code (default; `--as_released` restores the release
   is counted once either way, so the gradients are the same (ref §3.7).
 - The third, prototype-distance term of L_c is a constant once the prototypes are detached; it
   is logged (`proto_gap`), not added.
+Recipe as the code (golden tests): both networks run the code's Kaiming-normal init pass over every
+conv (`vnet.py`, `ResNet34.py`); random crop only, with UA-MT's crop padding; the x0.1 LR drops
+apply after the steps of index 2,500 and 5,000 (step k runs at the schedule's value for k - 1).
+On ACDC (R: no 2D code) the 2D forms get the same init and SSL4MIS's 2D RandomGenerator.
 Reconstructions (R) for more than two classes (ACDC; the code is binary only): "foreground" is any
 class > 0; the Dice is the code's squared-denominator foreground Dice averaged over the foreground
 classes; L_cr uses 1/2 sum_c (p_c - onehot_c)^2 (equal to the code's (p_fg - y)^2 for two

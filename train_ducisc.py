@@ -35,7 +35,13 @@ Deviations from the official code, and reconstructions:
   label is sigma onehot(y_l) + (1 - sigma) onehot(y_hat), prototypes are per class (C x C_k).
 - ACDC network: the SSL4MIS 2D U-Net with 3x3 deep-supervision heads on the three coarse decoder
   stages and prototypes on the four decoder-stage outputs (R: the released code has no 2D script;
-  the reference reads 1x1 heads from stale bytecode). ACDC recipe: MC-Net's 2D one (poly LR).
+  the reference reads 1x1 heads from stale bytecode). ACDC recipe: MC-Net's 2D one (poly LR,
+  SSL4MIS RandomGenerator).
+- The teacher starts as a copy of the student; the code builds an independent network. No effect:
+  the first EMA update (a_0 = 0) copies the student before any teacher output is used (warm-up).
+Recipe as the code (golden tests): the V-Net with PyTorch's default init (its Kaiming pass is
+commented out), rot90/flip + crop on LA and crop only on Pancreas with UA-MT's crop padding, a
+constant LR, the test without post-processing at stride 18/4 (LA) and 16 (Pancreas).
 
     python train_ducisc.py --dataset LA --labeled_num 8
     python test_3d.py --ckpt model/LA_run_8_labeled/ducisc/last.pth

@@ -35,6 +35,11 @@ Deviations and reconstructions:
 - LA and Pancreas (not in the paper): V-Net with the 3D code's scales (bottleneck 1/16, decoder
   stages 1/8 and 1/4) and the BraTS weights lambda_usc 1, lambda_con 10, 30,000 iterations (R).
 - ACDC learning rate 0.01 (the script default); the released command (`train.sh`) passes 0.1.
+Recipe as the code (golden tests): ACDC network = the SSL4MIS 2D U-Net with 1x1 conv + bilinear
+up-sampling (`UNet_icl`'s `UpBlock` default; its params' `'bilinear': False` is never passed on) and
+PyTorch's default init; BraTS = `unet_3D` with its Kaiming-normal init; augmentation = ICL's three-way
+`RandomGenerator` (rot90+flip with p 1/2, else a rotation with p 1/2, else nothing); the poly rate is
+set after each step (step k runs at the value for k - 1); the SSPA/USCL modules keep PyTorch's init.
 - Model selection follows this repository's protocol (validation split or final checkpoint),
   not the code's best-on-val+test.
 

@@ -6,7 +6,9 @@ optimizer and schedule as the method scripts; each batch holds --labeled_bs labe
 
 Loss: 0.5 x (cross-entropy + soft Dice), the supervised loss of SSL4MIS, UA-MT and their successors
 (`common.supervised_loss`). Optimizer: SGD, momentum 0.9, weight decay 1e-4, learning rate
---base_lr with the --lr_schedule (poly by default, as SSL4MIS).
+--base_lr with the --lr_schedule (poly by default, as SSL4MIS), set after each step as SSL4MIS does
+(step k runs at the schedule's value for k - 1). Network, init and augmentation: the data set's
+field defaults (SSL4MIS U-Net and RandomGenerator for ACDC, UA-MT's V-Net and crop for LA).
 
 This file is the template of the method scripts: a method script is this file plus its own
 losses and modules above `main()` and its forward passes inside the loop.

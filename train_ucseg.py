@@ -30,6 +30,12 @@ Deviations from the official code (default; `--as_released` restores the first t
   axes only (a per-slice Dice, ref §3.1).
 - Queue start vectors are normalised along the feature axis; the released 2D file normalises along
   the class axis (only matters while slots keep their start, i.e. with the shared pointer).
+Recipe as the code (golden tests where a test is named in docs/recipes.md): unet_3D with its
+Kaiming-normal init and the V-Net with PyTorch's (3D), the 2D V-Net with its Kaiming pass; 3D
+augmentation rot90/flip + crop on LA and Pancreas alike; ACDC augmentation = the code's
+albumentations pipeline (nearest resize, flips, ShiftScaleRotate, grid/elastic distortion,
+CoarseDropout), written with scipy (`Transform2D(pipeline="ucseg")`); the linear rate is set after
+each step; 3D test as below.
 Reconstructions (R) and other choices:
 - One input channel (the 2D code repeats the grey image to three channels).
 - The prediction-level consistency L_diff is computed and logged but carries no gradient, as released

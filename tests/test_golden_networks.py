@@ -10,6 +10,7 @@ import torch
 import common
 import train_ducisc
 import train_dualnet_kl
+import train_ucseg
 from golden_fill import conv_weight_stds, fill
 from unet2d import UNet
 from vnet import VNet
@@ -32,6 +33,7 @@ CASES = {
     "icl_unet2d": (lambda: common.default_network(common.get_dataset("ACDC")), "x2", None),  # train_icl.py on ACDC
     "ssl4mis_unet3d": (lambda: UNet(dims=3, num_classes=2), "x3c", None),                # UC-Seg / ICL 3D, BraTS
     "uamt_vnet": (lambda: common.default_network(common.get_dataset("LA")), "x3", None),  # LA/Pancreas default
+    "ucseg_vnet3d": (lambda: train_ucseg.UCSegModel(3, 2, (32, 32, 16), 16).net2, "x3", None),
     "dualnet_vnet": (dualnet(1), "x3", None),
     "dualnet_resnet34_vnet": (dualnet(0), "x3", None),
     "ducisc_vnet": (lambda: train_ducisc.build_network(common.get_dataset("LA")), "x3", ducisc_outputs),
