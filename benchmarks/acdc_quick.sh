@@ -4,7 +4,9 @@
 # sees the 4 labeled only), SGD 0.01 with poly decay, seed 1337, labeled_num 3 and 7 patients
 # (and all 70 as the upper bound), validation every 200 iterations, evaluation of the FINAL
 # checkpoint (last.pth) on the 20 ACDC validation volumes. Method scripts keep their own losses and
-# weights; only the data, network size, batch, schedule and run length are set here.
+# weights, network, initialisation and augmentation (results_table.py prints which, per method;
+# docs/recipes.md); the flags below override their optimizer's rate and schedule, batch, patch and
+# run length. LR timing is every official loop's (the new rate is set after each step).
 #
 #   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC supervised cifp ducisc icl ucseg dualnet_kl
 #

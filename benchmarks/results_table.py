@@ -5,12 +5,25 @@
 For each run folder: the evaluated checkpoint's summary (<ckpt>_<split>_summary.csv, written by
 test_2d.py / test_3d.py), the training wall time (last `time` of metrics.csv) and the arguments
 (args.json). Columns: method, data set, labeled_num, seed, mean Dice / Jaccard / 95HD / ASD
-(mean +- sd over cases), per-class Dice, checkpoint, wall time, seconds per iteration.
+(mean +- sd over cases), per-class Dice, checkpoint, wall time, seconds per iteration, and what the
+method keeps of its own ACDC recipe (network, initialisation, augmentation; docs/recipes.md): the
+quick protocol's flags override its optimizer, schedule, batch, patch and run length.
 """
 import argparse
 import csv
 import json
 from pathlib import Path
+
+
+# What each method keeps of its own recipe on ACDC under the quick protocol (docs/recipes.md).
+OWN_RECIPE = {
+    "supervised": "SSL4MIS U-Net (bilinear), default init; SSL4MIS generator",
+    "cifp": "U-Net (transposed conv), default init; three-way generator (R)",
+    "ducisc": "U-Net + 3 heads (R), default init; SSL4MIS generator (R)",
+    "icl": "SSL4MIS U-Net (bilinear), default init; ICL three-way generator",
+    "ucseg": "U-Net + V-Net (no norm, Kaiming); UC-Seg albumentations pipeline",
+    "dualnet_kl": "ResNet-34 V-Net + V-Net (2D, Kaiming, no dropout) (R); SSL4MIS generator (R)",
+}
 
 
 def row(folder, ckpt, split):
@@ -31,7 +44,8 @@ def row(folder, ckpt, split):
     return (f"| {folder.name} | {args['dataset']} {split} | {args['labeled_num']} | {args['seed']} | "
             f"{fmt('dice', 100)} | {fmt('jaccard', 100)} | {fmt('hd95', 1)} | {fmt('asd', 1)} | {per_class} | "
             f"{ckpt}.pth (iteration {s['iteration']}) | {seconds / 60:.1f} min | "
-            f"{seconds / int(last['iteration']):.3f} | {s['empty_pred']} |")
+            f"{seconds / int(last['iteration']):.3f} | {s['empty_pred']} | "
+            f"{OWN_RECIPE.get(folder.name, 'see docs/recipes.md')} |")
 
 
 def main():
@@ -41,8 +55,8 @@ def main():
     p.add_argument("--split", default="val")
     a = p.parse_args()
     print("| method | data | labeled | seed | Dice % | Jaccard % | 95HD (vox) | ASD (vox) | Dice per class % | "
-          "checkpoint | train wall time | s/it | cases with an empty class |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "checkpoint | train wall time | s/it | cases with an empty class | own recipe kept |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for folder in a.folders:
         print(row(folder, a.ckpt, a.split))
 
