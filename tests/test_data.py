@@ -101,12 +101,13 @@ def test_transforms_keep_image_and_label_aligned():
         assert np.array_equal(img, lab * 3.0 + 1)
     label2 = (rng.random((50, 70)) * 4).astype(np.uint8)
     image2 = label2.astype(np.float32) + 1
-    t2 = common.Transform2D((64, 64))
-    for seed in range(20):
-        img, lab = t2(image2, label2, np.random.default_rng(seed))
-        assert img.shape == lab.shape == (64, 64)
-        inside = img > 0  # rotation fills the corners with 0 in both
-        assert np.array_equal(img[inside], lab[inside] + 1.0)
+    for pipeline in ("ssl4mis", "three_way"):
+        t2 = common.Transform2D((64, 64), pipeline)
+        for seed in range(20):
+            img, lab = t2(image2, label2, np.random.default_rng(seed))
+            assert img.shape == lab.shape == (64, 64)
+            inside = img > 0  # rotation fills the corners with 0 in both
+            assert np.array_equal(img[inside], lab[inside] + 1.0)
 
 
 def test_random_crop_pads_small_volumes_and_follows_the_anchor_range():

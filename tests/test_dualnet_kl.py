@@ -194,8 +194,9 @@ def test_smoke_phantom3d_as_released(tmp_path):
         "--model_dir", tmp_path)
     folder = tmp_path / "Phantom3D_run_2_labeled" / "dualnet_kl"
     assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth")
-    kept = first_metrics_row(folder)["kept_fraction"]
-    assert kept == 1.0  # released: some logit is negative -> NaN entropy -> the filter keeps every voxel
+    row = first_metrics_row(folder)
+    assert row["kept_fraction"] == 1.0  # released: some logit is negative -> NaN entropy -> the filter keeps every voxel
+    assert row["proto_samples"] == 0 and row["loss_c"] == 0.0   # the released L_c is NaN then: logged as 0
 
 
 def test_labeled_terms_only_ablation_trains_on_l_s_alone(tmp_path):

@@ -100,3 +100,17 @@ def test_evaluate_on_a_perfect_predictor():
     image = label.astype(np.float32)
     rows, summary = common.evaluate(Oracle(), info, [("c", image, label)], (16, 16, 8), (4, 4, 4))
     assert summary["dice_mean"] == 1.0 and summary["hd95_mean"] == 0.0 and summary["empty_pred"] == 0
+
+
+def test_keep_largest_components_per_class_with_full_connectivity():
+    pred = np.zeros((6, 6, 3), np.uint8)
+    pred[0:2, 0:2, 0] = 1            # class 1: a 4-voxel blob ...
+    pred[2, 2, 1] = 1                # ... touching this voxel only at a corner: one 26-connected component (5)
+    pred[4:6, 4:6, :] = 1            # class 1: the largest component (12 voxels)
+    pred[0, 5, 2] = 2                # class 2: a single component, kept
+    out = common.keep_largest_components(pred, 3)
+    assert (out == 1).sum() == 12 and out[4:6, 4:6, :].min() == 1 and out[0, 0, 0] == 0
+    assert out[0, 5, 2] == 2 and (out == 2).sum() == 1
+    pred[4:6, 4:6, :] = 0            # now the corner-connected pair is the largest: kept whole
+    out = common.keep_largest_components(pred, 3)
+    assert (out == 1).sum() == 5

@@ -90,5 +90,9 @@ def test_aux_heads_missing_is_an_error():
 def test_bad_options():
     with pytest.raises(ValueError, match="normalization"):
         VNet(normalization="layernorm")
+    with pytest.raises(ValueError, match="init"):
+        VNet(init="xavier")
+    with pytest.raises(ValueError, match="init"):
+        UNet(init="orthogonal")
     with pytest.raises(ValueError, match="dims"):
         UNet(dims=1)

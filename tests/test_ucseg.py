@@ -1,6 +1,7 @@
 """UC-Seg (train_ucseg.py): evidential terms, losses, UPG tokens and shapes, pseudo-label clean-up, the CCP losses
 against naive loops, the queue pointer fix vs the released shared pointer, and smoke runs with the fused model
 as the checkpoint."""
+import csv
 import math
 import subprocess
 import sys
@@ -181,8 +182,13 @@ def test_smoke_phantom2d_fused_checkpoint_and_resume(tmp_path):
 def test_smoke_phantom3d_as_released(tmp_path):
     run("train_ucseg.py", *SMOKE_3D, "--max_iterations", "2", "--as_released",
         "--model_dir", tmp_path)
-    out = run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "ucseg" / "last.pth", "--stride", "32", "32", "16")
-    assert "cases 4" in out
+    ckpt = tmp_path / "Phantom3D_run_2_labeled" / "ucseg" / "last.pth"
+    assert torch.load(ckpt, weights_only=False)["test_rules"] == {"lcc": True, "stride": (18, 18, 4)}  # (C) its 3D test
+    out = run("test_3d.py", "--ckpt", ckpt, "--stride", "32", "32", "16")   # a coarse stride keeps the smoke test short
+    assert "cases 4" in out and "largest component per class: on; stride [32, 32, 16]" in out
+    with open(ckpt.parent / "last_test_summary.csv") as f:
+        summary = {r["key"]: r["value"] for r in csv.DictReader(f)}
+    assert summary["lcc"] == "True" and summary["stride"] == "[32, 32, 16]"
 
 
 def test_upg_patch_must_divide_the_patch(tmp_path):
