@@ -815,8 +815,8 @@ def test_main(dims, argv=None):
     rules = ckpt.get("test_rules", {})
     lcc = rules.get("lcc", False) if a.lcc == "auto" else a.lcc == "on"
     stride = a.stride or rules.get("stride")
-    if stride is not None and len(stride) != 3:
-        raise SystemExit(f"--stride needs 3 numbers, got {stride}")
+    if info.dims == 3 and stride is not None and len(stride) != 3:
+        raise SystemExit(f"--stride needs 3 numbers (x y z), got {stride}")
     t0 = time.time()
     rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], stride, a.sw_batch_size,
                              progress=True, on_case=save, lcc=lcc)
