@@ -25,6 +25,6 @@ SMOKE_3D = ["--dataset", "Phantom3D", "--labeled_num", "2", "--patch_size", "32"
 
 def run(*args):
     """Run a repository script (train_*.py, test_*.py) in a subprocess; fail the test with its stderr."""
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout

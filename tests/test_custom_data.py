@@ -20,7 +20,7 @@ def nifti(path, array, spacing=(1.0, 1.0, 1.0)):
 
 
 def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -165,5 +165,5 @@ def test_smoke_phantom3d(tmp_path):
 def test_batch_must_pair_labeled_with_unlabeled(tmp_path):
     proc = subprocess.run([sys.executable, "train_ducisc.py", "--dataset", "Phantom2D", "--labeled_num", "2",
                            "--batch_size", "3", "--labeled_bs", "2", "--max_iterations", "1", "--model_dir",
-                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "at least twice --labeled_bs 2" in proc.stderr

@@ -21,7 +21,7 @@ TINY3D = ["--dataset", "Phantom3D", "--patch_size", "32", "32", "16", "--batch_s
 
 def run(script, *args, check=True, **kw):
     proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=300, **kw)
+                          cwd=REPO, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -71,12 +71,12 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method
     proc = subprocess.Popen([sys.executable, str(REPO / script), *args, "--model_dir", str(b)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = b / "Phantom2D_run_2_labeled" / method / "log.txt"
-    deadline = time.time() + 120
-    while not (log.exists() and "starting" in log.read_text()) and time.time() < deadline:
+    # metrics.csv appears at the first step, inside `with run:` where the handler is installed; no deadline:
+    # a slow machine only waits longer
+    while proc.poll() is None and not (log.parent / "metrics.csv").exists():
         time.sleep(0.05)
-    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert proc.returncode == 130, err
     stopped = torch.load(log.parent / "last.pth", weights_only=False)["iteration"]
     assert 0 < stopped < n, "the run was not interrupted mid-way; make it longer"

@@ -195,5 +195,5 @@ def test_upg_patch_must_divide_the_patch(tmp_path):
     proc = subprocess.run([sys.executable, "train_ucseg.py", "--dataset", "Phantom2D", "--labeled_num", "2",
                            "--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2", "--upg_patch", "5",
                            "--max_iterations", "1", "--model_dir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "--upg_patch 5 must divide" in proc.stderr
