@@ -293,7 +293,7 @@ class Transform3D:
 def shift_scale_rotate(image, label, rng, shift_limit=0.0625, scale_limit=0.05, rotate_limit=10):
     """`ShiftScaleRotate`: rotation by U(-rotate_limit, rotate_limit) degrees and zoom by 1 + U(-scale_limit,
     scale_limit) about the centre, then a shift by U(-shift_limit, shift_limit) of each side; image linear,
-    label nearest, reflect-101 border (cv2's default there, scipy's 'mirror'). Returns the parameters too."""
+    label nearest, reflect-101 border (cv2's default there, scipy's 'mirror')."""
     angle = rng.uniform(-rotate_limit, rotate_limit)
     scale = 1.0 + rng.uniform(-scale_limit, scale_limit)
     dx, dy = rng.uniform(-shift_limit, shift_limit), rng.uniform(-shift_limit, shift_limit)
@@ -306,7 +306,7 @@ def shift_scale_rotate(image, label, rng, shift_limit=0.0625, scale_limit=0.05, 
     offset = c - inv @ (c + t)
     image = ndimage.affine_transform(image, inv, offset, order=1, mode="mirror")
     label = ndimage.affine_transform(label, inv, offset, order=0, mode="mirror")
-    return image, label, dict(angle=angle, scale=scale, dx=dx, dy=dy)
+    return image, label
 
 
 def grid_distortion(image, label, rng, num_steps=5, distort_limit=0.05):
@@ -358,7 +358,7 @@ def ucseg_acdc_augment(image, label, rng):
         image, label = image[::-1], label[::-1]
     image, label = np.ascontiguousarray(image), np.ascontiguousarray(label)
     if rng.random() < 0.5:
-        image, label, _ = shift_scale_rotate(image, label, rng)
+        image, label = shift_scale_rotate(image, label, rng)
     if rng.random() < 0.25:
         image, label = (grid_distortion if rng.random() < 0.5 else elastic)(image, label, rng)
     if rng.random() < 0.5:

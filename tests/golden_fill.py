@@ -30,14 +30,21 @@ def execution_order(net, x, forward=None):
     return seen
 
 
+def keyed(order):
+    """(signature, k, module) for modules in execution order: k counts the earlier modules whose
+    parameters have the same shapes (the key that seeds `fill` and sorts the compared rows)."""
+    counts = {}
+    for m in order:
+        signature = tuple(tuple(p.shape) for p in m.parameters(recurse=False))
+        counts[signature] = counts.get(signature, -1) + 1
+        yield signature, counts[signature], m
+
+
 def fill(net, x, forward=None, salt=0):
     """salt != 0 gives other values (a second network of the same layout, e.g. a teacher)."""
-    counts = {}
     with torch.no_grad():
-        for m in execution_order(net, x, forward):
+        for signature, k, m in keyed(execution_order(net, x, forward)):
             params = list(m.named_parameters(recurse=False))
-            signature = tuple(tuple(p.shape) for _, p in params)
-            k = counts[signature] = counts.get(signature, -1) + 1
             key = (signature, k) if salt == 0 else (salt, signature, k)
             g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
             for name, p in params:
@@ -53,10 +60,6 @@ def fill(net, x, forward=None, salt=0):
 def conv_weight_stds(net, x, forward=None):
     """Per conv weight std, sorted by (parameter shapes, k) like the seeds of `fill`: independent of
     where in the data flow a layer of a given shape runs (deep-supervision heads)."""
-    keyed, counts = [], {}
-    for m in execution_order(net, x, forward):
-        if isinstance(m, CONVS):
-            signature = tuple(tuple(p.shape) for p in m.parameters(recurse=False))
-            counts[signature] = counts.get(signature, -1) + 1
-            keyed.append(((signature, counts[signature]), float(m.weight.detach().std())))
-    return [std for _, std in sorted(keyed)]
+    stds = [((signature, k), float(m.weight.detach().std()))
+            for signature, k, m in keyed(execution_order(net, x, forward)) if isinstance(m, CONVS)]
+    return [std for _, std in sorted(stds)]

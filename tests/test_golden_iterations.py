@@ -13,7 +13,7 @@ import common
 import train_ducisc as dc
 import train_dualnet_kl as dk
 import train_icl
-from golden_fill import execution_order, fill
+from golden_fill import execution_order, fill, keyed
 from unet2d import UNet
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -22,12 +22,9 @@ GOLDEN = Path(__file__).parent / "golden"
 def updates_by_module(order, before):
     """[(gradient sum, gradient norm, update sum, update norm)] of each parameter, sorted by (parameter
     shapes, k, j) as golden_fill seeds them."""
-    counts, rows = {}, []
-    for m in order:
-        params = list(m.named_parameters(recurse=False))
-        signature = tuple(tuple(p.shape) for _, p in params)
-        k = counts[signature] = counts.get(signature, -1) + 1
-        for j, (_, p) in enumerate(params):
+    rows = []
+    for signature, k, m in keyed(order):
+        for j, p in enumerate(m.parameters(recurse=False)):
             d = (p.detach() - before[id(p)]).double()
             grad = (p.grad if p.grad is not None else torch.zeros_like(p)).double()
             rows.append(((signature, k, j), [float(grad.sum()), float(grad.norm()), float(d.sum()), float(d.norm())]))
