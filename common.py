@@ -392,65 +392,184 @@ def default_sw_batch_size(device):
 
 def add_common_args(parser):
     """The SSL4MIS argument names. Defaults of None are filled by parse_args from the method's
-    defaults for the data set, then from the data set registry."""
+    defaults for the data set, then from the data set registry (--help lists them per data set)."""
+    parser.formatter_class = _DefaultsHelpFormatter
     a = parser.add_argument
-    a("--dataset", default=None, help=f"one of {', '.join(DATASETS)}")
+    a("--dataset", default=None, help=f"one of {', '.join(DATASETS)}, Custom (any case)")
     a("--root_path", default=None, help="data root (default: data/<dataset>)")
     a("--exp", default="run", help="experiment name, part of the snapshot folder")
     a("--labeled_num", default=None, help="labeled cases (3D) or patients (ACDC), or 'all'")
-    a("--max_iterations", type=int, default=None)
+    a("--max_iterations", type=int, default=None, help="training iterations")
     a("--batch_size", type=int, default=None, help="samples per batch, labeled + unlabeled")
     a("--labeled_bs", type=int, default=None, help="labeled samples per batch (they come first)")
-    a("--base_lr", type=float, default=None)
-    a("--lr_schedule", default=None, choices=["poly", "step", "linear", "constant"])
-    a("--patch_size", type=int, nargs="+", default=None)
-    a("--seed", type=int, default=1337)
+    a("--base_lr", type=float, default=None, help="initial learning rate")
+    a("--lr_schedule", default=None, choices=["poly", "step", "linear", "constant"], help="learning-rate schedule")
+    a("--patch_size", type=int, nargs="+", default=None, help=f"training patch; every side a multiple of {PATCH_MULTIPLE}")
+    a("--seed", type=int, default=1337, help="random seed")
     a("--deterministic", type=int, default=1, help="deterministic cuDNN (1) or benchmark mode (0)")
     a("--val_interval", type=int, default=200, help="validate every N iterations (needs a val split)")
     a("--val_split", default=None, help="split for model selection; 'none' disables; LA/Pancreas have "
                                         "none (the anchors select on 'test': comparable, but optimistic)")
     a("--save_interval", type=int, default=1000, help="write last.pth every N iterations")
+    a("--save_minutes", type=float, default=10.0,
+      help="also write last.pth when this many minutes of wall time have passed since the last write (0: never)")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    a("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    a("--threads", type=int, default=None,
+      help="torch CPU threads; default: OMP_NUM_THREADS when set, else the cores this process may use")
+    a("--num_workers", type=int, default=None,
+      help="data loader worker processes; default: 0 on the CPU (measured fastest: benchmarks/cpu_defaults.py), "
+           "min(4, cores) with CUDA")
     a("--amp", action="store_true", help="mixed precision (CUDA only)")
-    a("--resume", action="store_true", help="continue from last.pth in the snapshot folder")
+    a("--resume", action="store_true",
+      help="continue from last.pth in the snapshot folder; every flag that changes training must be as before")
+    a("--extend", action="store_true",
+      help="with --resume: allow a larger --max_iterations (the LR schedule is recomputed for the new length)")
     a("--model_dir", default="model", help="parent of the snapshot folders")
     a("--sw_batch_size", type=int, default=None, help=SW_BATCH_HELP)
     return parser
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each default: fixed ones as '(default: X)'; data-set dependent ones (None here) are
+    written into the help text by parse_args."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+PATCH_MULTIPLE = 16  # every network here halves the patch four times (V-Net, U-Net, their 3D forms)
+
+# flags that may differ when a run is resumed: where and how it runs, not what it trains
+RESUME_FREE = {"resume", "extend", "device", "threads", "num_workers", "sw_batch_size", "save_interval",
+               "save_minutes", "val_interval", "root_path", "model_dir", "viz_interval", "cpu"}
+
+
+def _registry_defaults(info):
+    return dict(labeled_num=info.labeled_num, max_iterations=info.max_iterations, batch_size=info.batch_size,
+                labeled_bs=info.labeled_bs, base_lr=0.01, lr_schedule="poly", patch_size=info.patch_size,
+                val_split=info.val_split or "none")
+
+
+def _merged_defaults(dataset, defaults):
+    info = DATASETS[dataset]
+    return {**_registry_defaults(info), **defaults.get("*", {}), **defaults.get(dataset, {})}
+
+
+def _describe_defaults(parser, defaults):
+    """Append each data-set dependent default to its --help line: the default data set's value, and
+    the others' where they differ."""
+    first = defaults.get("*", {}).get("dataset", "ACDC")
+    per = {name: _merged_defaults(name, defaults) for name in DATASETS}
+    fmt = lambda v: "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731
+    for action in parser._actions:
+        if action.default is not None or not action.option_strings or "default" in (action.help or ""):
+            continue
+        if action.dest == "dataset":
+            action.help = (action.help or "") + f" (default: {first})"
+        elif action.dest in per[first]:
+            others = [f"{n} {fmt(per[n][action.dest])}" for n in DATASETS
+                      if n != first and fmt(per[n][action.dest]) != fmt(per[first][action.dest])]
+            action.help = (action.help or "") + f" (default: {fmt(per[first][action.dest])} for {first}" + \
+                (f"; {', '.join(others)}" if others else "; the same for every data set") + ")"
+
+
 def parse_args(parser, argv=None, defaults=None):
-    """Parse; fill every None from defaults[dataset], then defaults['*'], then the registry."""
-    args = parser.parse_args(argv)
+    """Parse; fill every None from defaults[dataset], then defaults['*'], then the registry; check every
+    flag that can be checked before anything is built or written (each error names its flag)."""
     defaults = defaults or {}
+    _describe_defaults(parser, defaults)
+    args = parser.parse_args(argv)
+
+    def fail(message):  # one line through cli(), not argparse's usage block
+        raise DataError(message)
+
     if args.dataset is None:
         args.dataset = defaults.get("*", {}).get("dataset", "ACDC")
     info = get_dataset(args.dataset, args.root_path)
-    registry = dict(labeled_num=info.labeled_num, max_iterations=info.max_iterations, batch_size=info.batch_size,
-                    labeled_bs=info.labeled_bs, base_lr=0.01, lr_schedule="poly", patch_size=info.patch_size,
-                    val_split=info.val_split or "none")
+    args.dataset = info.name  # the registry's spelling (--dataset acdc -> ACDC)
+    registry = _registry_defaults(info)
     merged = {**registry, **defaults.get("*", {}), **defaults.get(args.dataset, {})}
     for key, value in merged.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.patch_size = [int(p) for p in args.patch_size]
     if len(args.patch_size) != info.dims:
-        parser.error(f"--patch_size needs {info.dims} numbers for {info.name}, got {args.patch_size}")
+        fail(f"--patch_size needs {info.dims} numbers for {info.name}, got {args.patch_size}")
+    if any(p < PATCH_MULTIPLE or p % PATCH_MULTIPLE for p in args.patch_size):
+        fixed = [max(PATCH_MULTIPLE, round(p / PATCH_MULTIPLE) * PATCH_MULTIPLE) for p in args.patch_size]
+        fail(f"--patch_size {' '.join(map(str, args.patch_size))}: every side must be a multiple of {PATCH_MULTIPLE} "
+             f"(the networks halve it four times); e.g. --patch_size {' '.join(map(str, fixed))}")
     if str(args.labeled_num) != "all":
         try:
             args.labeled_num = int(args.labeled_num)
         except ValueError:
-            parser.error(f"--labeled_num must be a number or 'all', got {args.labeled_num!r}")
+            fail(f"--labeled_num must be a number or 'all', got {args.labeled_num!r}")
+        if args.labeled_num < 1:
+            fail(f"--labeled_num must be at least 1 (or 'all'), got {args.labeled_num}")
+    for flag in ("batch_size", "labeled_bs", "val_interval", "save_interval"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.labeled_bs > args.batch_size:
+        fail(f"--labeled_bs {args.labeled_bs} is larger than --batch_size {args.batch_size}")
+    if args.max_iterations < 0:
+        fail("--max_iterations must be >= 0")
+    if args.base_lr <= 0:
+        fail(f"--base_lr must be positive, got {args.base_lr}")
+    if args.threads is not None and args.threads < 1:
+        fail(f"--threads must be at least 1, got {args.threads}")
+    if args.num_workers is not None and args.num_workers < 0:
+        fail(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.save_minutes < 0:
+        fail(f"--save_minutes must be >= 0, got {args.save_minutes}")
+    if args.extend and not args.resume:
+        fail("--extend only goes with --resume")
     args.val_split = None if args.val_split in (None, "none") else args.val_split
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
     if args.amp and not args.device.startswith("cuda"):
-        parser.error("--amp needs a CUDA device (got --device %s)" % args.device)
+        fail("--amp needs a CUDA device (got --device %s)" % args.device)
     if args.sw_batch_size is None:
         args.sw_batch_size = default_sw_batch_size(args.device)
-    if args.max_iterations < 0:
-        parser.error("--max_iterations must be >= 0")
+    configure_cpu(args)
     return args
+
+
+def usable_cores():
+    """Cores this process may run on (its CPU affinity, e.g. a cluster job's allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def configure_cpu(args):
+    """Torch threads and loader workers, chosen from the cores present unless given: threads = --threads,
+    else OMP_NUM_THREADS when set, else the usable cores; workers = --num_workers, else 0 on the CPU
+    (the augmentation is cheap beside the network and a worker process competes with the compute
+    threads; benchmarks/cpu_defaults.py) and min(4, cores) with CUDA. The choice is stored in args
+    (args.cpu) and logged by Run."""
+    cores = usable_cores()
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if args.threads is not None:
+        source = "--threads"
+    elif env.isdigit() and int(env) > 0:
+        args.threads, source = int(env), "OMP_NUM_THREADS"
+    else:
+        args.threads, source = cores, "usable cores"
+    torch.set_num_threads(args.threads)
+    on_cuda = args.device.startswith("cuda")
+    if args.num_workers is None:
+        args.num_workers = min(4, cores) if on_cuda else 0
+        worker_source = "default for CUDA" if on_cuda else "default on the CPU"
+    else:
+        worker_source = "--num_workers"
+    args.cpu = (f"{cores} usable cores; torch threads {args.threads} ({source}); loader workers "
+                f"{args.num_workers} ({worker_source})")
 
 
 def seed_everything(seed, deterministic=True):
@@ -460,6 +579,35 @@ def seed_everything(seed, deterministic=True):
     torch.cuda.manual_seed_all(seed)
     torch.backends.cudnn.deterministic = bool(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def available_memory(device):
+    """Bytes free for a new allocation: MemAvailable on a Linux CPU, free memory on a CUDA device; None
+    where it cannot be read."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(build, device, hint):
+    """Stop before building modules that cannot fit. build() is run on the meta device (no memory) to
+    count parameters; training needs about 16 bytes per parameter (weights, gradients, momentum and the
+    backward's temporaries: measured 14-16 B on ICL's spatial MLP), which must stay under 3/4 of the
+    memory available (the activations need the rest). hint: the flags that make it smaller."""
+    with torch.device("meta"):
+        modules = build()
+    n = sum(p.numel() for m in modules for p in m.parameters())
+    need, free = 16 * n, available_memory(device)
+    if free is not None and need > 0.75 * free:
+        raise DataError(f"{n / 1e6:,.0f} M parameters need about {need / 2 ** 30:.1f} GiB to train, more than 3/4 of "
+                        f"the {free / 2 ** 30:.1f} GiB available on {device}: {hint}")
+    return n
 
 
 def default_network(info, **kwargs):
@@ -513,19 +661,36 @@ def train_loader(args, info, root, labeled_only=False, rot_flip=None, pipeline="
     sampler = TwoStreamBatchSampler(labeled, unlabeled, batch_size, args.labeled_bs, seed=args.seed)
     # The loader gets its own generator: creating an iterator (each epoch, and on resume) would
     # otherwise draw from the global torch RNG and shift dropout masks after a resume.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers, worker_init_fn=_worker_init,
                         pin_memory=args.device.startswith("cuda"), generator=torch.Generator().manual_seed(args.seed))
     return loader, len(labeled), len(unlabeled)
 
 
+def _worker_init(worker_id):
+    """Loader workers ignore Ctrl-C and SIGTERM: the main process decides (Run) and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def cli(main):
-    """Run a script's main(); a DataError (a user mistake about data or flags) ends it with its
-    one-line message and exit status 2 instead of a traceback."""
+    """Run a script's main() so that it ends with one line, never a traceback, for what a user can fix:
+    a DataError (data or flags; exit status 2), running out of memory (the flags that need less; 3),
+    Ctrl-C outside the training loop (130). Messages start on their own line (tqdm.write)."""
     try:
         main()
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        tqdm.write(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        tqdm.write("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+            raise
+        tqdm.write(f"error: out of memory ({text.splitlines()[0][:200]}). Reduce --batch_size/--labeled_bs or "
+                   f"--patch_size, or use a device with more memory (--device)", file=sys.stderr)
+        sys.exit(3)
 
 
 def atomic_save(obj, path):
@@ -545,39 +710,55 @@ def _git_commit():
 class Run:
     """One training run's folder and bookkeeping: model/<dataset>_<exp>_<labeled_num>_labeled/<method>/
     with args.json, log.txt, metrics.csv, best.pth (best validation Dice) and last.pth (everything
-    resume needs). Use as a context manager: the first Ctrl-C finishes the current iteration,
-    writes last.pth and exits; a second one aborts at once."""
+    resume needs). Nothing is written before every check has passed (resume flags, validation data).
 
-    def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None, test_rules=None):
+    Use as a context manager. Ctrl-C (SIGINT) or SIGTERM (what `timeout` and cluster schedulers send):
+    the current iteration finishes, last.pth is written and the script exits with 130 (SIGINT) or 143
+    (SIGTERM); a second signal aborts at once (exit status likewise) and leaves the last good last.pth as
+    it was. last.pth is also written every --save_interval iterations and after --save_minutes of wall
+    time, so even `kill -9` loses at most that much."""
+
+    def __init__(self, args, method, models, optimizers, eval_models=("net",), state=None, test_rules=None,
+                 progress_terms=None):
         """test_rules: the official test's rules, stored in every checkpoint for the test scripts:
         {"lcc": keep the largest component per class, "stride": 3D sliding-window stride or None for
-        the data set's}. Training-time validation does not apply them (a cheaper, shared rule)."""
+        the data set's}. Training-time validation does not apply them (a cheaper, shared rule).
+        progress_terms: the logged names the progress bar shows (default: the first four)."""
         self.args, self.method, self.info = args, method, get_dataset(args.dataset, args.root_path)
         self.test_rules = {"lcc": False, "stride": None, **(test_rules or {})}
         self.models, self.optimizers, self.state = models, optimizers, state if state is not None else {}
-        self.eval_models = list(eval_models)
+        self.eval_models, self.progress_terms = list(eval_models), progress_terms
         self.dir = Path(args.model_dir) / f"{args.dataset}_{args.exp}_{args.labeled_num}_labeled" / method
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.iteration, self.best, self.best_iteration, self._stop = 0, -1.0, None, False
+        self.iteration, self.best, self.best_iteration, self._stop = 0, -1.0, None, 0
         self._elapsed0, self._last_saved, self._validated_at = 0.0, "never", None
-        if (self.dir / "last.pth").exists() and not args.resume:
-            raise SystemExit(f"{self.dir / 'last.pth'} exists: pass --resume to continue that run, or choose "
-                             f"another --exp to start a new one")
+        ckpt = None
         if args.resume:
-            self._load_last()
+            ckpt = self._read_last()
+            self._check_resume_args(ckpt)
+        elif (self.dir / "last.pth").exists():
+            raise DataError(f"{self.dir / 'last.pth'} exists: pass --resume to continue that run, or choose "
+                            f"another --exp to start a new one")
+        self.val_cases = []
+        if args.val_split:
+            self.val_cases = load_cases(self.info, resolve_root(self.info, args.root_path), args.val_split)
+        # every check passed: from here on the run folder is written
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.dir.glob("*.pth.tmp"):  # a save cut short by an abort or kill -9
+            stale.unlink()
+        if ckpt is not None:
+            self._load_last(ckpt)
         self._log_file = open(self.dir / "log.txt", "a")
         (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         self.log(f"{'resuming' if args.resume else 'starting'} {method} on {args.dataset} at iteration "
                  f"{self.iteration}; git {_git_commit()}; python {platform.python_version()}, torch "
-                 f"{torch.__version__}, numpy {np.__version__}; device {args.device}\nargs: {json.dumps(vars(args))}")
+                 f"{torch.__version__}, numpy {np.__version__}; device {args.device}; CPU: {args.cpu}\n"
+                 f"args: {json.dumps(vars(args))}")
+        if args.val_split == "test":
+            self.log("model selection on the TEST list (--val_split test): as the LA/Pancreas anchors do; "
+                     "comparable with them but optimistic")
         self.predictor = Predictor([models[k] for k in self.eval_models], args.device, args.amp)
-        self.val_cases = []
-        if args.val_split:
-            if args.val_split == "test":
-                self.log("model selection on the TEST list (--val_split test): as the LA/Pancreas anchors do; "
-                         "comparable with them but optimistic")
-            self.val_cases = load_cases(self.info, resolve_root(self.info, args.root_path), args.val_split)
         self._csv_keys, self._csv, self._t0 = None, None, time.time()
+        self._saved_at = time.monotonic()
 
     def log(self, message, console=True):
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
@@ -622,13 +803,17 @@ class Run:
         if self.val_cases and self.iteration % self.args.val_interval == 0:
             row.update(self.validate())
         self._write_csv(row)
-        self.bar.set_postfix({k: f"{v:.4f}" for k, v in list(zip(names, values))[:4]}, refresh=False)
+        shown = self.progress_terms or names[:4]
+        self.bar.set_postfix({k: f"{row[k]:.4f}" for k in shown}, refresh=False)
         self.bar.update(1)
-        if self.iteration % self.args.save_interval == 0 or self._stop:
+        minutes = self.args.save_minutes
+        if (self.iteration % self.args.save_interval == 0 or self._stop
+                or (minutes > 0 and time.monotonic() - self._saved_at >= 60 * minutes)):
             self.save_last()
         if self._stop:
-            self.log(f"interrupted: last.pth written at iteration {self.iteration}; continue with --resume")
-            raise SystemExit(130)
+            name = signal.Signals(self._stop).name
+            self.log(f"{name}: stopped after iteration {self.iteration}, last.pth written; continue with --resume")
+            raise SystemExit(128 + self._stop)
 
     def _lr(self):
         opt = next((o for o in self.optimizers.values() if isinstance(o, torch.optim.Optimizer)), None)
@@ -690,14 +875,38 @@ class Run:
             rng={"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
         atomic_save(payload, self.dir / "last.pth")
-        self._last_saved = self.iteration
+        self._last_saved, self._saved_at = self.iteration, time.monotonic()
 
-    def _load_last(self):
+    def _read_last(self):
         path = self.dir / "last.pth"
-        if not path.exists():
-            raise SystemExit(f"--resume: {path} does not exist (same --dataset, --exp, --labeled_num and "
-                             f"--model_dir as the run to continue?)")
-        ckpt = torch.load(path, map_location=self.args.device, weights_only=False)
+        if not path.is_file():
+            raise DataError(f"--resume: {path} does not exist (same --dataset, --exp, --labeled_num and "
+                            f"--model_dir as the run to continue?)")
+        try:
+            return torch.load(path, map_location=self.args.device, weights_only=False)
+        except Exception as e:  # a truncated or foreign file: torch raises several kinds
+            raise DataError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                            f"start a new run with another --exp") from None
+
+    def _check_resume_args(self, ckpt):
+        """Refuse a resume whose flags would train something else than the run being continued."""
+        old, new = ckpt["args"], vars(self.args)
+        norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  tuples vs lists, paths
+        changed = [k for k in new if k in old and k not in RESUME_FREE and norm(old[k]) != norm(new[k])]
+        if self.args.extend and "max_iterations" in changed:
+            if new["max_iterations"] < ckpt["iteration"]:
+                raise DataError(f"--extend --max_iterations {new['max_iterations']}: the run is already at "
+                                f"iteration {ckpt['iteration']}")
+            changed.remove("max_iterations")
+        if changed:
+            show = lambda v: " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)  # noqa: E731
+            listed = "; ".join(f"--{k} {show(new[k])} (the run has {show(old[k])})" for k in changed)
+            hint = (" To train a run longer: --resume --extend --max_iterations N." if "max_iterations" in changed
+                    else "")
+            raise DataError(f"--resume: flags differ from the run in {self.dir}: {listed}. Resume with the run's "
+                            f"flags (its args.json), or start a new run with another --exp.{hint}")
+
+    def _load_last(self, ckpt):
         for k, m in self.models.items():
             m.load_state_dict(ckpt["models"][k])
         for k, o in self.optimizers.items():
@@ -712,6 +921,8 @@ class Run:
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        if self.args.extend and ckpt["args"]["max_iterations"] != self.args.max_iterations:
+            self._extended_from = ckpt["args"]["max_iterations"]
 
     def finish(self):
         """Write last.pth, validate the final weights if not just done, and log the summary."""
@@ -728,19 +939,35 @@ class Run:
         self.log(msg)
 
     def __enter__(self):
-        def on_sigint(signum, frame):
-            self._stop = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
-            tqdm.write("Ctrl-C: finishing this iteration, then writing last.pth (again to abort)", file=sys.stderr)
-        self._old_handler = signal.signal(signal.SIGINT, on_sigint)
+        self._pid = os.getpid()
+        self._old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if getattr(self, "_extended_from", None) is not None:
+            self.log(f"--extend: max_iterations {self._extended_from} -> {self.args.max_iterations}; the LR schedule "
+                     f"now runs to the new length")
         return self
 
+    def _on_signal(self, signum, frame):
+        """First SIGINT/SIGTERM: stop after this iteration (step() saves and exits). Second: abort now.
+        Messages go straight to the file descriptor: the main thread may be inside a print."""
+        if os.getpid() != self._pid:  # a forked child: only the main process reacts
+            return
+        name = signal.Signals(signum).name
+        if self._stop:
+            os.write(2, f"\n{name} again: aborting at once; last.pth (iteration {self._last_saved}) is as it "
+                        f"was\n".encode())
+            os._exit(128 + signum)
+        self._stop = signum
+        os.write(2, f"\n{name}: finishing iteration {self.iteration + 1}, then writing last.pth and stopping "
+                    f"(Ctrl-C again aborts at once)\n".encode())
+
     def __exit__(self, exc_type, exc, tb):
-        signal.signal(signal.SIGINT, self._old_handler)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()  # an error message then starts on its own line
         if getattr(self, "_csv_file", None) is not None:
-            self._csv_file.flush()
-        if exc_type is KeyboardInterrupt:
-            self.log(f"aborted; last.pth is from iteration {self._last_saved}")
+            self._csv_file.close()
+        self._log_file.close()
         return False
 
 
@@ -750,15 +977,21 @@ def load_checkpoint(path, device="cpu", member=None):
     k-th network of an ensemble checkpoint (0-based, in the order the checkpoint lists them)."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--ckpt {path}: file not found")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+        raise DataError(f"--ckpt {path}: file not found")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises several kinds
+        raise DataError(f"--ckpt {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"--ckpt {path}: not a checkpoint of this repository (a {type(ckpt).__name__})")
     for key in ("dataset", "nets", "state_dicts", "args"):
         if key not in ckpt:
-            raise SystemExit(f"--ckpt {path}: not a checkpoint of this repository (no {key!r})")
+            raise DataError(f"--ckpt {path}: not a checkpoint of this repository (no {key!r})")
     members = list(zip(ckpt["nets"], ckpt["state_dicts"]))
     if member is not None:
         if not 0 <= member < len(members):
-            raise SystemExit(f"--member {member}: {path} holds {len(members)} network(s), numbered from 0")
+            raise DataError(f"--member {member}: {path} holds {len(members)} network(s), numbered from 0")
         members = [members[member]]
     nets = []
     for spec, sd in members:
@@ -771,7 +1004,8 @@ def load_checkpoint(path, device="cpu", member=None):
 def test_main(dims, argv=None):
     """Command line of test_2d.py / test_3d.py: evaluate --ckpt on a split, print a per-case table and
     mean +- sd, write CSVs next to the checkpoint, optionally NIfTI predictions."""
-    p = argparse.ArgumentParser(description=f"Evaluate a {dims}D checkpoint (the checkpoint knows its data set).")
+    p = argparse.ArgumentParser(description=f"Evaluate a {dims}D checkpoint (the checkpoint knows its data set).",
+                                formatter_class=_DefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--split", default=None, help="test (default), val, or any split of the data set")
     p.add_argument("--root_path", default=None, help="data root (default: the one the run trained on)")
@@ -790,14 +1024,14 @@ def test_main(dims, argv=None):
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.amp and not device.startswith("cuda"):
-        p.error("--amp needs a CUDA device")
+        raise DataError("--amp needs a CUDA device")
     a.sw_batch_size = a.sw_batch_size or default_sw_batch_size(device)
     predictor, ckpt = load_checkpoint(a.ckpt, device, a.member)
     predictor.amp = a.amp
     root_path = a.root_path or ckpt["args"].get("root_path")
     info = get_dataset(ckpt["dataset"], root_path)
     if info.dims != dims:
-        raise SystemExit(f"--ckpt {a.ckpt} is a {info.dims}D {info.name} checkpoint: use test_{info.dims}d.py")
+        raise DataError(f"--ckpt {a.ckpt} is a {info.dims}D {info.name} checkpoint: use test_{info.dims}d.py")
     split = a.split or ("test" if "test" in info.lists else info.val_split)
     root = resolve_root(info, root_path)
     cases = load_cases(info, root, split, progress=True)
@@ -816,7 +1050,7 @@ def test_main(dims, argv=None):
     lcc = rules.get("lcc", False) if a.lcc == "auto" else a.lcc == "on"
     stride = a.stride or rules.get("stride")
     if info.dims == 3 and stride is not None and len(stride) != 3:
-        raise SystemExit(f"--stride needs 3 numbers (x y z), got {stride}")
+        raise DataError(f"--stride needs 3 numbers (x y z), got {stride}")
     t0 = time.time()
     rows, summary = evaluate(predictor, info, cases, ckpt["args"]["patch_size"], stride, a.sw_batch_size,
                              progress=True, on_case=save, lcc=lcc)

@@ -83,11 +83,12 @@ DATASETS = {d.name: d for d in [
 
 def get_dataset(name, root_path=None):
     """The registry entry; for --dataset Custom, built from the dataset.json in --root_path."""
-    if name == "Custom":
+    canonical = {n.lower(): n for n in [*DATASETS, "Custom"]}.get(str(name).lower())  # --dataset acdc is ACDC
+    if canonical == "Custom":
         return custom_dataset(root_path)
-    if name not in DATASETS:
+    if canonical is None:
         raise DataError(f"--dataset {name!r} is unknown; choose one of {', '.join(DATASETS)}, Custom")
-    return DATASETS[name]
+    return DATASETS[canonical]
 
 
 def custom_dataset(root_path):
@@ -122,6 +123,9 @@ class DataError(ValueError):
 
 def resolve_root(info, root_path=None):
     root = Path(root_path) if root_path else info.default_root
+    if info.phantom and root_path and not (root / info.lists["train"]).is_file():
+        raise DataError(f"--root_path {root} holds no {info.name} (no {info.lists['train']}): the phantom is generated "
+                        f"on first use in {info.default_root} only; omit --root_path")
     if info.phantom:
         ensure_phantom(info, root)
     if not root.is_dir():
@@ -135,8 +139,10 @@ def read_list(info, root, split):
         raise DataError(f"--dataset {info.name} has no {split!r} split (it has {', '.join(info.lists)})")
     path = Path(root) / info.lists[split]
     if not path.is_file():
+        others = [s for s in info.lists if s != split and s != "train" and (Path(root) / info.lists[s]).is_file()]
+        hint = f" This copy has the {others[0]!r} split: --split {others[0]}." if others else f" Get {info.how_to_get}."
         raise DataError(f"list file {path} not found: --dataset {info.name} expects {info.lists[split]} "
-                        f"in its root {root}. Get {info.how_to_get}.")
+                        f"in its root {root}.{hint}")
     names = [line.strip().split(",")[0] for line in path.read_text().splitlines()]
     names = [n for n in names if n]
     if not names:
@@ -167,12 +173,18 @@ def read_case(path, num_classes, ndim, require_label=True):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found (named in the list file)")
-    with h5py.File(path, "r") as f:
-        missing = [k for k in ("image", "label") if k not in f and (k == "image" or require_label)]
-        if missing:
-            raise DataError(f"{path}: no {' or '.join(missing)} dataset (keys: {list(f.keys())})")
-        image = f["image"][...].astype(np.float32)
-        label = f["label"][...] if "label" in f else None
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label") if k not in f and (k == "image" or require_label)]
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(missing)} dataset (keys: {list(f.keys())})")
+            image = f["image"][...].astype(np.float32)
+            label = f["label"][...] if "label" in f else None
+    except (OSError, KeyError, ValueError, TypeError) as e:  # h5py's errors for truncated or non-HDF5 files
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: cannot be read as an HDF5 case ({str(e).splitlines()[0]}); replace the file "
+                        f"(a truncated download or copy?)") from None
     if label is None:
         if image.ndim != ndim:
             raise DataError(f"{path}: expected a {ndim}D array, got shape {image.shape}")

@@ -134,7 +134,8 @@ def main(argv=None):
     net = common.default_network(info, **({"upsample": "transpose"} if info.dims == 2 else {})).to(args.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
-    run = common.Run(args, "cifp", models={"net": net}, optimizers={"optimizer": optimizer, "scaler": scaler})
+    run = common.Run(args, "cifp", models={"net": net}, optimizers={"optimizer": optimizer, "scaler": scaler},
+                     progress_terms=["loss", "loss_sup", "loss_s1", "loss_fp", "loss_cifp"])
     run.log(f"{n_labeled} labeled and {n_unlabeled} unlabeled training samples; batches of "
             f"{args.labeled_bs} + {args.batch_size - args.labeled_bs}")
     lbs = args.labeled_bs

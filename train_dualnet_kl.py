@@ -217,8 +217,6 @@ def main(argv=None):
     common.seed_everything(args.seed, args.deterministic)
     info = common.get_dataset(args.dataset, args.root_path)
     root = common.resolve_root(info, args.root_path)
-    if any(p % 16 for p in args.patch_size):
-        raise common.DataError(f"--patch_size {args.patch_size}: the V-Nets need multiples of 16")
 
     loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, rot_flip=False)  # (C) random crop only
     net_a, net_b = (n.to(args.device) for n in build_networks(info, dropout=args.dropout == "on"))
@@ -227,7 +225,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
     run = common.Run(args, "dualnet_kl", models={"net_a": net_a, "net_b": net_b},
                      optimizers={"opt_a": opt_a, "opt_b": opt_b, "scaler": scaler},
-                     eval_models=("net_a", "net_b"))                 # (C) inference: mean of both softmax maps
+                     eval_models=("net_a", "net_b"),                 # (C) inference: mean of both softmax maps
+                     progress_terms=["loss", "loss_s_A", "loss_u_A", "loss_kl", "loss_c"])
     run.log(f"{n_labeled} labeled and {n_unlabeled} unlabeled training samples; batches of "
             f"{args.labeled_bs} + {args.batch_size - args.labeled_bs}; "
             f"{'as released' if args.as_released else 'gradients on L_u and L_c (paper intent)'}; dropout {args.dropout}")

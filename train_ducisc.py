@@ -28,6 +28,9 @@ Deviations from the official code, and reconstructions:
 - sigma is drawn from torch's generator instead of Python's `random` (resumable; same law).
 - A NaN term is skipped as in the code, and logged as 0 (with `active_terms`), because a NaN in
   the log would stop the run at the NaN guard.
+- Logging: `objective` is the value backpropagated (D12: 1 + the weights of the active terms, by
+  construction); `loss` is L_sup plus the weighted terms that were trained this iteration (the code
+  logs the weighted sum of all four terms, also during the warm-up when they are not trained).
 - More than two classes (ACDC; the code is binary only, R): thresholds per class and scale, a
   voxel is certain when the teacher's probability of some class beats that class's threshold
   (the code's bg-or-fg rule), same start 1/C and clip [0.5, 0.95] (so a certain voxel always has a
@@ -208,7 +211,8 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
     state = {"thresholds": torch.full((4, C), 1.0 / C, device=args.device)}  # (C) tau_c^s = 1/num_classes
     run = common.Run(args, "ducisc", models={"net": net, "teacher": teacher},
-                     optimizers={"optimizer": optimizer, "scaler": scaler}, state=state)
+                     optimizers={"optimizer": optimizer, "scaler": scaler}, state=state,
+                     progress_terms=["loss_sup", "loss_cs_ulb", "loss_cs_mix", "loss_proto_ulb", "loss_proto_mix"])
     warmup = common.scale_iterations(WARMUP, WARMUP_OF, args.max_iterations)
     run.log(f"{n_labeled} labeled and {n_unlabeled} unlabeled training samples; batches of {lbs} + "
             f"{args.batch_size - lbs} (+ {lbs} fused); supervised-only warm-up {warmup} iterations")
@@ -264,12 +268,13 @@ def main(argv=None):
                    "loss_proto_mix": loss_proto_mix}
             weights = {"loss_cs_ulb": args.lamda_teacher, "loss_cs_mix": args.lamda_mix,
                        "loss_proto_ulb": args.lamda_proto, "loss_proto_mix": args.lamda_mix_proto}
-            active = 0
+            active, loss_weighted = 0, loss_sup.detach()
             for name, term in raw.items():
                 usable = term is not None and bool(torch.isfinite(term)) and bool(term != 0)  # (C) skip NaN / 0
                 raw[name] = term.detach() if usable else torch.zeros((), device=image.device)
                 if iteration >= warmup and usable and weights[name] != 0:
                     loss = loss + weights[name] * self_normalized(term)
+                    loss_weighted = loss_weighted + weights[name] * raw[name]
                     active += 1
             if iteration >= warmup:                                           # (C) thresholds after the warm-up
                 P_S = [torch.softmax(o.detach(), 1) for o in O_u]             # (C) the student's own probabilities
@@ -281,9 +286,8 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             common.update_ema(teacher, net, EMA_DECAY, iteration)            # (C) a_t = min(1 - 1/(t + 1), 0.99)
-            loss_all = loss_sup + sum(weights[k] * v for k, v in raw.items())   # (C) the code's logged sum
-            run.step(iteration, {
-                "loss": loss_all, "loss_sup": loss_sup, "sup_ce": sup_ce, "sup_dice": sup_dice, **raw,
+            run.step(iteration, {                                            # objective: what backward() got
+                "objective": loss, "loss": loss_weighted, "loss_sup": loss_sup, "sup_ce": sup_ce, "sup_dice": sup_dice, **raw,
                 "active_terms": active, "proto_levels_ulb": levels_ulb, "proto_levels_mix": levels_mix,
                 "certain_fraction": torch.stack([m.float().mean() for m in certain]).mean(),
                 **{f"tau_s{s + 1}_c{c}": run.state["thresholds"][s, c] for s in range(4) for c in range(C)}})

@@ -47,6 +47,7 @@ set after each step (step k runs at the value for k - 1); the SSPA/USCL modules 
     python test_2d.py --ckpt model/ACDC_run_7_labeled/icl/last.pth
 """
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -146,7 +147,7 @@ class ICLModule(nn.Module):
         heads = [c // 16 for c in channels]                           # (C) head dimension 16
         self.tokenizers = nn.ModuleList([conv(c, c, 1) for c in channels])
         self.token_norms = nn.ModuleList([nn.LayerNorm(c) for c in channels])
-        self.decoders = nn.ModuleList([ClassDecoder(c, int(torch.tensor(s).prod()), h, spatial_mlp, head_split)
+        self.decoders = nn.ModuleList([ClassDecoder(c, math.prod(s), h, spatial_mlp, head_split)
                                        for c, s, h in zip(channels, spatial_shapes, heads)])
         self.map_heads = nn.ModuleList([MapHead(dims, h) for h in heads])
         self.query_convs = nn.ModuleList([nn.Conv1d(c, c // 2, 1) for c in channels[:-1]])
@@ -230,22 +231,24 @@ def main(argv=None):
     default_usc, default_con = LAMBDAS[info.dims]
     args.lambda_usc = default_usc if args.lambda_usc is None else args.lambda_usc
     args.lambda_con = default_con if args.lambda_con is None else args.lambda_con
-    step = 8 if info.dims == 2 else 16
-    if any(p % step for p in args.patch_size):
-        raise common.DataError(f"--patch_size {args.patch_size}: ICL's scales need multiples of {step}")
 
+    channels, shapes = icl_geometry(info.dims, args.patch_size)
+    common.check_memory(lambda: [ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp),
+                                           args.head_split) for _ in range(2)], args.device,
+                        "the spatial MLP has N x N weights per scale (N positions); --spatial_mlp 0 removes it, a "
+                        "smaller --patch_size shrinks it (128 128: 72 M)")
     loader, n_labeled, n_unlabeled = common.train_loader(args, info, root, pipeline="three_way")  # (C) its RandomGenerator
     # (C) ACDC: the SSL4MIS U-Net (1x1 conv + bilinear up-sampling, default init); BraTS: unet_3D (Kaiming);
     # LA/Pancreas: V-Net (R)
     net = common.default_network(info).to(args.device)
-    channels, shapes = icl_geometry(info.dims, args.patch_size)
     sspa = ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp), args.head_split).to(args.device)
     uscl = ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp), args.head_split).to(args.device)
     params = list(net.parameters()) + list(sspa.parameters()) + list(uscl.parameters())
     optimizer = torch.optim.SGD(params, lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  # (C) one SGD for all
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
     run = common.Run(args, "icl", models={"net": net, "sspa": sspa, "uscl": uscl},
-                     optimizers={"optimizer": optimizer, "scaler": scaler})     # evaluation: the network only
+                     optimizers={"optimizer": optimizer, "scaler": scaler},     # evaluation: the network only
+                     progress_terms=["loss", "loss_seg", "loss_spa", "loss_usc", "loss_con"])
     n_icl = sum(p.numel() for p in sspa.parameters()) + sum(p.numel() for p in uscl.parameters())
     run.log(f"{n_labeled} labeled and {n_unlabeled} unlabeled training samples; batches of {args.labeled_bs} + "
             f"{args.batch_size - args.labeled_bs}; SSPA + USCL {n_icl / 1e6:.1f} M parameters (spatial MLP "

@@ -327,8 +327,6 @@ def main(argv=None):
         args.upg_patch = 16 if dims == 3 else args.patch_size[0] // 16
     if args.upg_patch < 1 or any(p % args.upg_patch for p in args.patch_size):
         raise common.DataError(f"--upg_patch {args.upg_patch} must divide every side of --patch_size {args.patch_size}")
-    if any(p % 16 for p in args.patch_size):
-        raise common.DataError(f"--patch_size {args.patch_size}: the subnets need multiples of 16")
     if args.batch_size != 2 * lbs:
         raise common.DataError(f"UC-Seg pairs labeled and unlabeled samples: --batch_size {args.batch_size} must "
                                f"be twice --labeled_bs {lbs}")
@@ -344,7 +342,8 @@ def main(argv=None):
     # (C) the 3D test keeps the largest component and slides with stride 18/18/4 on LA and Pancreas alike
     test_rules = {"lcc": True, "stride": (18, 18, 4)} if dims == 3 else {}
     run = common.Run(args, "ucseg", models={"model": model, "ccp": ccp}, test_rules=test_rules,
-                     optimizers={"optimizer": optimizer, "scaler": scaler}, eval_models=("model",))
+                     optimizers={"optimizer": optimizer, "scaler": scaler}, eval_models=("model",),
+                     progress_terms=["loss", "loss_sup1", "loss_upg", "loss_u1", "loss_mix1"])
     mix_start = common.scale_iterations(MIX_START[dims], T_REF, args.max_iterations)
     ramp_every = common.scale_iterations(RAMP_EVERY, T_REF, args.max_iterations)
     gate_a, gate_b = GATE[dims]

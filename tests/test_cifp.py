@@ -7,7 +7,7 @@ import torch
 
 import common
 import train_cifp as cifp
-from conftest import SMOKE_2D, SMOKE_3D, run
+from conftest import COARSE, SMOKE_2D, SMOKE_3D, run
 
 
 def test_normalized_entropy():
@@ -118,11 +118,11 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)  # 3 test patients x 2 frames
     header = (ckpt.parent / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss_sup", "loss_s1", "loss_s2", "loss_fp", "loss_cifp", "mean_r", "omega_cifp"} <= set(header)
-    run("train_cifp.py", *args, "--max_iterations", "4", "--resume")
+    run("train_cifp.py", *args, "--max_iterations", "4", "--resume", "--extend")
     assert torch.load(ckpt, weights_only=False)["iteration"] == 4
 
 
 def test_smoke_phantom3d_proto(tmp_path):
     run("train_cifp.py", *SMOKE_3D, "--max_iterations", "2", "--cifp_mode",
         "proto", "--use_dropout_fp", "0", "--model_dir", tmp_path)
-    assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "cifp" / "last.pth")
+    assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "cifp" / "last.pth", *COARSE)

@@ -11,7 +11,7 @@ import pytest
 
 import common
 import prepare_data
-from conftest import REPO
+from conftest import REPO, run
 
 
 def nifti(path, array, spacing=(1.0, 1.0, 1.0)):
@@ -75,9 +75,9 @@ def test_custom_registry_and_labeled_num_counts_labeled_cases_only(example3d):
 
 def test_3d_round_trip_train_and_test(example3d, tmp_path):
     root = example3d / "root"
-    cli("train_supervised.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2",
+    run("train_supervised.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2",
         "--max_iterations", "2", "--patch_size", "32", "32", "16", "--num_workers", "0", "--model_dir", tmp_path)
-    out = cli("test_3d.py", "--ckpt", tmp_path / "Custom_run_2_labeled" / "supervised" / "last.pth").stdout
+    out = run("test_3d.py", "--ckpt", tmp_path / "Custom_run_2_labeled" / "supervised" / "last.pth")
     test_cases = (root / "test.list").read_text().split()
     assert all(c in out for c in test_cases) and "cases 2" in out
 
@@ -100,16 +100,16 @@ def test_2d_round_trip_with_remapped_classes(tmp_path):
         assert set(np.unique(f["label"][...])) == {0, 1, 2, 3}
     info = common.get_dataset("Custom", root)
     assert info.dims == 2 and info.class_names == ("RV", "Myo", "LV")
-    cli("train_supervised.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2", "--max_iterations",
+    run("train_supervised.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2", "--max_iterations",
         "2", "--patch_size", "32", "32", "--batch_size", "2", "--labeled_bs", "2", "--num_workers", "0",
         "--model_dir", tmp_path / "m")
-    out = cli("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "supervised" / "last.pth").stdout
+    out = run("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "supervised" / "last.pth")
     assert "LV     dice" in out and "cases 2" in out
     # a semi-supervised method on the same data: the unlabeled cases (no label) feed its unlabeled stream
-    cli("train_cifp.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2", "--max_iterations", "2",
+    run("train_cifp.py", "--dataset", "Custom", "--root_path", root, "--labeled_num", "2", "--max_iterations", "2",
         "--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2", "--num_workers", "0",
         "--model_dir", tmp_path / "m")
-    out = cli("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "cifp" / "last.pth").stdout
+    out = run("test_2d.py", "--ckpt", tmp_path / "m" / "Custom_run_2_labeled" / "cifp" / "last.pth")
     assert "cifp on Custom test" in out and "cases 2" in out
 
 

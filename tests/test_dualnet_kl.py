@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import common
 import train_dualnet_kl as dk
-from conftest import SMOKE_2D, SMOKE_3D, run
+from conftest import COARSE, SMOKE_2D, SMOKE_3D, run
 
 
 def first_metrics_row(folder):
@@ -185,7 +185,7 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     assert (ckpt.parent / "last_test_member0_summary.csv").exists()
     header = (ckpt.parent / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss_u_A", "loss_kl", "loss_cos", "loss_c", "kept_fraction", "mean_w"} <= set(header)
-    run("train_dualnet_kl.py", *args, "--max_iterations", "4", "--resume")
+    run("train_dualnet_kl.py", *args, "--max_iterations", "4", "--resume", "--extend")
     assert torch.load(ckpt, weights_only=False)["iteration"] == 4
 
 
@@ -193,7 +193,7 @@ def test_smoke_phantom3d_as_released(tmp_path):
     run("train_dualnet_kl.py", *SMOKE_3D, "--max_iterations", "2", "--as_released",
         "--model_dir", tmp_path)
     folder = tmp_path / "Phantom3D_run_2_labeled" / "dualnet_kl"
-    assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth")
+    assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth", *COARSE)
     row = first_metrics_row(folder)
     assert row["kept_fraction"] == 1.0  # released: some logit is negative -> NaN entropy -> the filter keeps every voxel
     assert row["proto_samples"] == 0 and row["loss_c"] == 0.0   # the released L_c is NaN then: logged as 0

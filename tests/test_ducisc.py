@@ -1,8 +1,6 @@
 """DuCiSC (train_ducisc.py): each loss, mask, threshold update and prototype on tiny tensors against hand
 computation, the self-normalisation's gradient, network shapes, and smoke runs with test script and resume."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 
 import common
 import train_ducisc as dc
-from conftest import REPO, SMOKE_2D, SMOKE_3D, run
+from conftest import COARSE, SMOKE_2D, SMOKE_3D, run
 
 
 def test_binary_and_foreground_dice_by_hand():
@@ -149,7 +147,7 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)
     header = (ckpt.parent / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"loss_cs_ulb", "loss_cs_mix", "loss_proto_ulb", "loss_proto_mix", "tau_s4_c3", "active_terms"} <= set(header)
-    run("train_ducisc.py", *args, "--max_iterations", "5", "--resume")
+    run("train_ducisc.py", *args, "--max_iterations", "5", "--resume", "--extend")
     assert torch.load(ckpt, weights_only=False)["iteration"] == 5
 
 
@@ -157,13 +155,13 @@ def test_smoke_phantom3d(tmp_path):
     run("train_ducisc.py", *SMOKE_3D, "--max_iterations", "3",
         "--model_dir", tmp_path)
     folder = tmp_path / "Phantom3D_run_2_labeled" / "ducisc"
-    assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth")
+    assert "cases 4" in run("test_3d.py", "--ckpt", folder / "last.pth", *COARSE)
     thresholds = torch.load(folder / "last.pth", weights_only=False)["method_state"]["thresholds"]
     assert thresholds.shape == (4, 2) and (thresholds >= 0.5).all()        # updated after the 1-iteration warm-up
 
 
 def test_batch_must_pair_labeled_with_unlabeled(tmp_path):
-    proc = subprocess.run([sys.executable, "train_ducisc.py", "--dataset", "Phantom2D", "--labeled_num", "2",
-                           "--batch_size", "3", "--labeled_bs", "2", "--max_iterations", "1", "--model_dir",
-                           str(tmp_path)], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2 and "at least twice --labeled_bs 2" in proc.stderr
+    with pytest.raises(common.DataError, match="at least twice --labeled_bs 2"):
+        dc.main(["--dataset", "Phantom2D", "--labeled_num", "2", "--batch_size", "3", "--labeled_bs", "2",
+                           "--max_iterations", "1", "--model_dir", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

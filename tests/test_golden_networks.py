@@ -13,7 +13,6 @@ import train_dualnet_kl
 import train_ucseg
 from golden_fill import conv_weight_stds, fill
 from unet2d import UNet
-from vnet import VNet
 
 GOLDEN = np.load(Path(__file__).parent / "golden" / "networks.npz")
 

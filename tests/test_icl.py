@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common
 import train_icl as icl
-from conftest import SMOKE_2D, SMOKE_3D, run
+from conftest import COARSE, SMOKE_2D, SMOKE_3D, run
 
 
 def naive_class_decoder(dec, Q, T, split):
@@ -151,11 +151,11 @@ def test_smoke_phantom2d_test_and_resume(tmp_path):
     assert not any(k.startswith(("sspa", "uscl")) for k in saved["state_dicts"][0])   # modules dropped at test time
     assert {"sspa", "uscl"} <= set(saved["models"])                                  # but kept for --resume
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)
-    run("train_icl.py", *args, "--max_iterations", "4", "--resume")
+    run("train_icl.py", *args, "--max_iterations", "4", "--resume", "--extend")
     assert torch.load(ckpt, weights_only=False)["iteration"] == 4
 
 
 def test_smoke_phantom3d_standard_split_without_spatial_mlp(tmp_path):
     run("train_icl.py", *SMOKE_3D, "--max_iterations", "2",
         "--spatial_mlp", "0", "--head_split", "standard", "--model_dir", tmp_path)
-    assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "icl" / "last.pth")
+    assert "cases 4" in run("test_3d.py", "--ckpt", tmp_path / "Phantom3D_run_2_labeled" / "icl" / "last.pth", *COARSE)

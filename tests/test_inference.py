@@ -70,7 +70,7 @@ def test_load_checkpoint_member_keeps_one_network_of_an_ensemble(tmp_path):
     second, _ = common.load_checkpoint(tmp_path / "ens.pth", member=1)
     assert len(both.nets) == 2 and len(second.nets) == 1
     torch.testing.assert_close(second(x), torch.softmax(b(x), 1))
-    with pytest.raises(SystemExit, match="holds 2 network"):
+    with pytest.raises(common.DataError, match="holds 2 network"):
         common.load_checkpoint(tmp_path / "ens.pth", member=2)
 
 

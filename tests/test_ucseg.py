@@ -3,15 +3,13 @@ against naive loops, the queue pointer fix vs the released shared pointer, and s
 as the checkpoint."""
 import csv
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_ucseg as uc
-from conftest import REPO, SMOKE_2D, SMOKE_3D, run
+from conftest import COARSE, SMOKE_2D, SMOKE_3D, run
 
 
 def test_uncertainty_and_au_loss_by_hand():
@@ -175,7 +173,7 @@ def test_smoke_phantom2d_fused_checkpoint_and_resume(tmp_path):
     assert saved["nets"][0]["kwargs"]["upg_patch"] == 2 and "ccp" in saved["models"]
     assert any(k.startswith("upg.") for k in saved["state_dicts"][0])    # the fusion head is in the checkpoint
     assert "cases 6" in run("test_2d.py", "--ckpt", ckpt)
-    run("train_ucseg.py", *args, "--max_iterations", "4", "--resume")
+    run("train_ucseg.py", *args, "--max_iterations", "4", "--resume", "--extend")
     assert torch.load(ckpt, weights_only=False)["iteration"] == 4
 
 
@@ -184,7 +182,7 @@ def test_smoke_phantom3d_as_released(tmp_path):
         "--model_dir", tmp_path)
     ckpt = tmp_path / "Phantom3D_run_2_labeled" / "ucseg" / "last.pth"
     assert torch.load(ckpt, weights_only=False)["test_rules"] == {"lcc": True, "stride": (18, 18, 4)}  # (C) its 3D test
-    out = run("test_3d.py", "--ckpt", ckpt, "--stride", "32", "32", "16")   # a coarse stride keeps the smoke test short
+    out = run("test_3d.py", "--ckpt", ckpt, *COARSE)
     assert "cases 4" in out and "largest component per class: on; stride [32, 32, 16]" in out
     with open(ckpt.parent / "last_test_summary.csv") as f:
         summary = {r["key"]: r["value"] for r in csv.DictReader(f)}
@@ -192,8 +190,8 @@ def test_smoke_phantom3d_as_released(tmp_path):
 
 
 def test_upg_patch_must_divide_the_patch(tmp_path):
-    proc = subprocess.run([sys.executable, "train_ucseg.py", "--dataset", "Phantom2D", "--labeled_num", "2",
-                           "--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2", "--upg_patch", "5",
-                           "--max_iterations", "1", "--model_dir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2 and "--upg_patch 5 must divide" in proc.stderr
+    with pytest.raises(uc.common.DataError, match="--upg_patch 5 must divide"):
+        uc.main(["--dataset", "Phantom2D", "--labeled_num", "2", "--patch_size", "32", "32", "--batch_size",
+                          "4", "--labeled_bs", "2", "--upg_patch", "5", "--max_iterations", "1", "--model_dir",
+                          str(tmp_path)])
+    assert not any(tmp_path.iterdir())
