@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+import conftest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY2D = ["--dataset", "Phantom2D", "--patch_size", "32", "32", "--batch_size", "4", "--labeled_bs", "2",
@@ -137,8 +138,8 @@ def test_resume_refuses_changed_flags_and_extend_allows_a_longer_run(tmp_path):
 
 
 def test_resume_without_checkpoint_writes_no_folder(tmp_path):
-    proc = run("train_supervised.py", *TINY2D, "--model_dir", tmp_path, "--resume")
-    assert "--resume:" in one_line_error(proc) and "does not exist" in proc.stderr
+    with pytest.raises(AssertionError, match="error: --resume: .* does not exist"):
+        conftest.run("train_supervised.py", *TINY2D, "--model_dir", tmp_path, "--resume")
     assert not any(tmp_path.iterdir())
 
 
@@ -157,10 +158,17 @@ def test_resume_without_checkpoint_writes_no_folder(tmp_path):
     ("train_supervised.py", ["--root_path", "/nonexistent/P2D"], "--root_path /nonexistent/P2D holds no Phantom2D"),
     ("train_supervised.py", ["--device", "cpu", "--amp"], "--amp needs a CUDA device"),
 ])
-def test_bad_flags_end_in_one_line_before_anything_is_written(tmp_path, script, extra, message):
-    proc = run(script, *TINY2D, "--max_iterations", "1", "--model_dir", tmp_path, *extra)
-    assert message in one_line_error(proc)
+def test_bad_flags_stop_before_anything_is_written(tmp_path, script, extra, message):
+    with pytest.raises(AssertionError, match="exited with 2") as e:  # in this process: cli()'s error path
+        conftest.run(script, *TINY2D, "--max_iterations", "1", "--model_dir", tmp_path, *extra)
+    last = str(e.value).strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in str(e.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_flag_is_one_line_from_the_process(tmp_path):
+    proc = run("train_icl.py", *TINY2D, "--model_dir", tmp_path, "--patch_size", "24", "24")
+    assert "--patch_size 24 24: every side must be a multiple of 16" in one_line_error(proc)
 
 
 def test_dataset_name_is_case_insensitive():
@@ -182,7 +190,8 @@ def test_corrupt_h5_names_the_file(tmp_path):
 
 def test_test_script_on_a_garbage_checkpoint_is_one_line(tmp_path):
     (tmp_path / "x.pth").write_bytes(b"garbage")
-    assert "cannot be read as a PyTorch checkpoint" in one_line_error(run("test_2d.py", "--ckpt", tmp_path / "x.pth"))
+    with pytest.raises(AssertionError, match="error: --ckpt .*x.pth: cannot be read as a PyTorch checkpoint"):
+        conftest.run("test_2d.py", "--ckpt", tmp_path / "x.pth")
 
 
 def test_missing_test_list_suggests_the_val_split(tmp_path):

@@ -1,8 +1,7 @@
 """Smoke tests of the training plumbing: train a few iterations on the phantoms, evaluate the
 checkpoint, resume after Ctrl-C, NaN guard, command-line errors. They prove the plumbing, not a method."""
 import os
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ TINY2D = ["--dataset", "Phantom2D", "--patch_size", "32", "32", "--batch_size", 
           "--num_workers", "0"]  # a later --batch_size overrides (argparse keeps the last)
 TINY3D = ["--dataset", "Phantom3D", "--patch_size", "32", "32", "16", "--batch_size", "2", "--labeled_bs", "2",
           "--num_workers", "0"]
-
-
-def run_process(script, *args, check=True, **kw):
-    proc = subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True,
-                          cwd=REPO, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def test_supervised_2d_then_test_2d(tmp_path):
@@ -55,22 +46,20 @@ def test_supervised_3d_then_test_3d_with_nifti(tmp_path):
     assert pred.shape == gt.shape and len(pred.shape) == 3
 
 
-# A driver that runs a training script as __main__ and sends it a real SIGINT from inside step() of a
-# given iteration: the stop point is deterministic, however slow or loaded the machine is.
-SIGNAL_AT = """
-import os, runpy, signal, sys
-script, stop_at = sys.argv[1], int(sys.argv[2])
-sys.argv = [script] + sys.argv[3:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-import common
-step = common.Run.step
-def step_after_a_signal(self, iteration, logs):
-    if iteration == stop_at:
-        os.kill(os.getpid(), signal.SIGINT)
-    return step(self, iteration, logs)
-common.Run.step = step_after_a_signal
-runpy.run_path(script, run_name="__main__")
-"""
+def run_interrupted(script, args, stop_at, monkeypatch):
+    """Run a training script (in this process, as conftest.run) and send it a real SIGINT from inside
+    step() of 0-based iteration stop_at: the stop point is exact, however slow or loaded the machine."""
+    step = common.Run.step
+
+    def step_after_a_signal(self, iteration, logs):
+        if iteration == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs before the next line
+        return step(self, iteration, logs)
+
+    with monkeypatch.context() as m:
+        m.setattr(common.Run, "step", step_after_a_signal)
+        with pytest.raises(AssertionError, match="exited with 130"):
+            run(script, *args)
 
 
 @pytest.mark.parametrize("script,method,batch", [("train_supervised.py", "supervised", ["--batch_size", "2"]),
@@ -79,19 +68,16 @@ runpy.run_path(script, run_name="__main__")
                                                  ("train_ducisc.py", "ducisc", ["--batch_size", "4"]),
                                                  ("train_icl.py", "icl", ["--batch_size", "4"]),
                                                  ("train_ucseg.py", "ucseg", ["--batch_size", "4"])])
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method, batch):
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, script, method, batch, monkeypatch):
     n, stop_at = 6, 2  # SIGINT during 0-based iteration 2: last.pth at iteration 3
     args = [*TINY2D, *batch, "--labeled_num", "2", "--max_iterations", str(n), "--val_split", "none",
-            "--save_interval", "100000", "--lr_schedule", "poly"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run_process(script, *args, "--model_dir", str(tmp_path / "a"), env=env)
+            "--save_interval", "100000", "--lr_schedule", "poly", "--threads", "1"]
+    run(script, *args, "--model_dir", tmp_path / "a")
     b = tmp_path / "b"
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT, script, str(stop_at), *args, "--model_dir", str(b)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 130 and "SIGINT: finishing iteration" in proc.stderr, proc.stderr
+    run_interrupted(script, [*args, "--model_dir", b], stop_at, monkeypatch)
     folder = b / "Phantom2D_run_2_labeled" / method
     assert torch.load(folder / "last.pth", weights_only=False)["iteration"] == stop_at + 1
-    run_process(script, *args, "--model_dir", str(b), "--resume", env=env)
+    run(script, *args, "--model_dir", b, "--resume")
     wa = torch.load(tmp_path / "a" / folder.relative_to(b) / "last.pth", weights_only=False)
     wb = torch.load(folder / "last.pth", weights_only=False)
     assert wb["iteration"] == n
