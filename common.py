@@ -370,13 +370,73 @@ def evaluate(predict, info, cases, patch, stride=None, sw_batch_size=4, distance
     for net in predict.nets:
         net.eval()
     rows = []
-    it = tqdm(cases, desc="evaluating", leave=False) if progress else cases
-    for name, image, label in it:
-        pred = predict_case(predict, info, image, patch, stride, sw_batch_size, lcc=lcc)
-        rows.append({"case": name, "metrics": case_metrics(pred, label, info.num_classes, distances)})
-        if on_case is not None:
-            on_case(name, image, label, pred)
+    with tqdm(cases, desc="evaluating", leave=False, disable=not progress) as it:  # closed on an error too
+        for name, image, label in it:
+            pred = predict_case(predict, info, image, patch, stride, sw_batch_size, lcc=lcc)
+            rows.append({"case": name, "metrics": case_metrics(pred, label, info.num_classes, distances)})
+            if on_case is not None:
+                on_case(name, image, label, pred)
     return rows, summarize(rows, info.class_names)
+
+
+# ---- what the method sees: --viz_interval panels ----
+def _display(t, depth):
+    """A map as a 2D numpy array for imshow, and whether it is a label map. (C, *spatial) class scores
+    are shown as their argmax; 3D maps at slice `depth` of the last axis."""
+    a = torch.as_tensor(t).detach().float().cpu()
+    labels = not torch.is_floating_point(torch.as_tensor(t))
+    if a.dim() == (3 if depth is None else 4):  # class scores or probabilities
+        a, labels = a.argmax(0).float(), True
+    if depth is not None and a.dim() == 3:
+        a = a[..., depth]
+    return a.numpy(), labels
+
+
+def save_panel(path, image, maps, title, num_classes):
+    """One PNG: the image and each named map of `maps` side by side. Spatial maps are (H, W) or (H, W, D)
+    (shown at the middle depth); (C, *spatial) class scores as their argmax; small arrays (a table of
+    thresholds) as annotated heat maps; a scalar as a number. The panel names are stored in the
+    PNG's metadata (key "Panels", a JSON list)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    maps = {k: v for k, v in maps.items() if v is not None}  # a switched-off source has no map
+    image = torch.as_tensor(image).detach().float().cpu()[0].numpy()
+    depth = image.shape[-1] // 2 if image.ndim == 3 else None
+    names = ["image", *maps]
+    classes = matplotlib.colors.ListedColormap(["black", "tab:red", "tab:green", "tab:blue", "tab:orange",
+                                                "tab:purple", "tab:cyan", "tab:olive"][:max(num_classes, 2)])
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.9), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.set_xticks([]), ax.set_yticks([])
+        if name == "image":
+            ax.imshow(image[..., depth] if depth is not None else image, cmap="gray")
+            ax.set_title("image" + (f" (slice {depth})" if depth is not None else ""), fontsize=8)
+            continue
+        value = maps[name]
+        if torch.is_tensor(value) and value.dim() == 0 or np.ndim(value) == 0:
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{name}\n{float(value):.4g}", ha="center", va="center", fontsize=9)
+            continue
+        arr, labels = _display(value, depth)
+        arr = np.atleast_2d(arr)
+        if min(arr.shape) <= 8:  # a small table, e.g. thresholds per scale and class
+            ax.imshow(arr, cmap="viridis", aspect="auto")
+            for (i, j), v in np.ndenumerate(arr):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        elif torch.is_tensor(value) and value.dtype == torch.bool:  # a mask: white where true
+            ax.imshow(arr, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        elif labels:  # a label map: background black, one colour per class
+            ax.imshow(arr, cmap=classes, vmin=0, vmax=num_classes - 1, interpolation="nearest")
+        else:
+            im = ax.imshow(arr, cmap="viridis")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+        ax.set_title(name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90, metadata={"Title": title, "Panels": json.dumps(names)})
+    plt.close(fig)
 
 
 # =============================================================================================
@@ -415,7 +475,8 @@ def add_common_args(parser):
       help="also write last.pth when this many minutes of wall time have passed since the last write (0: never)")
     a("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     a("--threads", type=int, default=None,
-      help="torch CPU threads; default: OMP_NUM_THREADS when set, else the cores this process may use")
+      help="torch CPU threads; default: OMP_NUM_THREADS when set, else the cores this process may use that "
+           "other work does not keep busy when the run starts")
     a("--num_workers", type=int, default=None,
       help="data loader worker processes; default: 0 on the CPU (measured fastest: benchmarks/cpu_defaults.py), "
            "min(4, cores) with CUDA")
@@ -426,6 +487,9 @@ def add_common_args(parser):
       help="with --resume: allow a larger --max_iterations (the LR schedule is recomputed for the new length)")
     a("--model_dir", default="model", help="parent of the snapshot folders")
     a("--sw_batch_size", type=int, default=None, help=SW_BATCH_HELP)
+    a("--viz_interval", type=int, default=0,
+      help="every N iterations, write a PNG of what the method sees (image, prediction, pseudo-labels, masks, "
+           "weights) for the first unlabeled sample into <run folder>/viz/; 0: off")
     return parser
 
 
@@ -524,6 +588,8 @@ def parse_args(parser, argv=None, defaults=None):
         fail(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.save_minutes < 0:
         fail(f"--save_minutes must be >= 0, got {args.save_minutes}")
+    if args.viz_interval < 0:
+        fail(f"--viz_interval must be >= 0, got {args.viz_interval}")
     if args.extend and not args.resume:
         fail("--extend only goes with --resume")
     args.val_split = None if args.val_split in (None, "none") else args.val_split
@@ -547,12 +613,41 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
+def _cpu_jiffies(cpus):
+    """(busy, total) clock ticks since boot summed over the given CPU numbers (Linux /proc/stat)."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    return busy, total
+
+
+def busy_cores(interval=0.25):
+    """How many of this process's cores other work keeps busy now: their busy fraction over `interval`
+    seconds (this process sleeps meanwhile) times their number. None where /proc/stat is unreadable."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        b0, t0 = _cpu_jiffies(cpus)
+        time.sleep(interval)
+        b1, t1 = _cpu_jiffies(cpus)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return len(cpus) * (b1 - b0) / max(t1 - t0, 1)
+
+
 def configure_cpu(args):
-    """Torch threads and loader workers, chosen from the cores present unless given: threads = --threads,
-    else OMP_NUM_THREADS when set, else the usable cores; workers = --num_workers, else 0 on the CPU
-    (the augmentation is cheap beside the network and a worker process competes with the compute
-    threads; benchmarks/cpu_defaults.py) and min(4, cores) with CUDA. The choice is stored in args
-    (args.cpu) and logged by Run."""
+    """Torch threads and loader workers, chosen from the cores present unless given.
+
+    Threads: --threads, else OMP_NUM_THREADS when set, else the usable cores that other work does not
+    keep busy when the run starts (sampled for 0.25 s; at least 1). Compute threads that share a core
+    with another job wait for each other at every operation: on 2 cores beside one busy process, the
+    quick start ran 5x slower with 2 threads than with 1 (benchmarks/cpu_defaults.py).
+    Workers: --num_workers, else 0 on the CPU (a worker process competes with the compute threads; the
+    augmentation is cheap beside the network: benchmarks/cpu_defaults.py) and min(4, cores) with CUDA.
+    The choice is stored in args.cpu and logged by Run."""
     cores = usable_cores()
     env = os.environ.get("OMP_NUM_THREADS", "")
     if args.threads is not None:
@@ -560,7 +655,10 @@ def configure_cpu(args):
     elif env.isdigit() and int(env) > 0:
         args.threads, source = int(env), "OMP_NUM_THREADS"
     else:
-        args.threads, source = cores, "usable cores"
+        busy = busy_cores()
+        taken = 0 if busy is None else min(cores - 1, int(busy + 0.5))
+        args.threads = cores - taken
+        source = "usable cores" + (f", {busy:.1f} busy with other work at the start" if taken else "")
     torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
     if args.num_workers is None:
@@ -766,6 +864,16 @@ class Run:
         self._log_file.flush()
         if console:
             tqdm.write(line, file=sys.stderr)
+
+    def viz(self, iteration, image, maps):
+        """--viz_interval N: after every N-th iteration, one PNG (viz/iteration_<k>.png in the run folder)
+        of what the method sees for the first unlabeled sample of the batch: `image` (1, *spatial) and
+        the named maps its losses use, handed over as they are (common.save_panel draws them)."""
+        every = getattr(self.args, "viz_interval", 0)
+        if not every or (iteration + 1) % every:
+            return
+        save_panel(self.dir / "viz" / f"iteration_{iteration + 1:06d}.png", image, maps,
+                   f"{self.method}, {self.args.dataset}, iteration {iteration + 1}", self.info.num_classes)
 
     # ---- the loop ----
     def batches(self, loader):

@@ -204,8 +204,10 @@ def load_cases(info, root, split, names=None, progress=False):
     names = names or read_list(info, root, split)
     ndim = 2 if (info.dims == 2 and split == "train") else 3
     unlabeled_ok = info.unlabeled_cases and split == "train"  # val/test cases always need labels
-    it = tqdm(names, desc=f"reading {info.name} {split}", leave=False) if progress else names
-    return [(n, *read_case(case_path(info, root, n, split), info.num_classes, ndim, not unlabeled_ok)) for n in it]
+    # the bar is closed on an error too, so the error line is the last thing printed
+    with tqdm(names, desc=f"reading {info.name} {split}", leave=False, disable=not progress) as it:
+        return [(n, *read_case(case_path(info, root, n, split), info.num_classes, ndim, not unlabeled_ok))
+                for n in it]
 
 
 class SegDataset(Dataset):

@@ -55,11 +55,17 @@ def main():
     p.add_argument("--iterations", type=int, default=15)
     p.add_argument("--skip", type=int, default=3)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="THREADSxWORKERS settings to compare with the default, e.g. 1x0 2x1; default: every "
+                        "combination of --threads and --workers")
     p.add_argument("--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_defaults.csv"))
     a = p.parse_args()
-    settings = ["default"] + [(t, w) for t in dict.fromkeys(a.threads) for w in a.workers]
+    if a.settings:
+        settings = ["default"] + [tuple(int(x) for x in s.split("x")) for s in a.settings]
+    else:
+        settings = ["default"] + [(t, w) for t in dict.fromkeys(a.threads) for w in a.workers]
     scripts = ["supervised"] if a.quick_start else a.scripts
     out = Path(a.out)
     new = not out.exists()

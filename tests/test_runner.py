@@ -41,13 +41,20 @@ def parse(argv, defaults=None):
 
 
 # ---- CPU defaults ----
-def test_cpu_defaults_follow_the_cores_and_omp_num_threads(monkeypatch):
+def test_cpu_defaults_follow_the_free_cores_and_omp_num_threads(monkeypatch):
     before = torch.get_num_threads()
+    cores = common.usable_cores()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(common, "busy_cores", lambda: 0.2)  # an idle machine
         a = parse(["--dataset", "Phantom2D", "--device", "cpu"])
-        assert a.threads == common.usable_cores() and a.num_workers == 0 and torch.get_num_threads() == a.threads
-        assert "torch threads" in a.cpu and "usable cores" in a.cpu
+        assert a.threads == cores and a.num_workers == 0 and torch.get_num_threads() == a.threads
+        assert f"{cores} usable cores; torch threads {cores} (usable cores)" in a.cpu
+        monkeypatch.setattr(common, "busy_cores", lambda: 1.2)  # one core taken by another job
+        a = parse(["--dataset", "Phantom2D", "--device", "cpu"])
+        assert a.threads == max(1, cores - 1) and (cores == 1 or "1.2 busy with other work" in a.cpu)
+        monkeypatch.setattr(common, "busy_cores", lambda: 64.0)  # never fewer than one thread
+        assert parse(["--dataset", "Phantom2D", "--device", "cpu"]).threads == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         a = parse(["--dataset", "Phantom2D", "--device", "cpu"])
         assert a.threads == 1 and "(OMP_NUM_THREADS)" in a.cpu
@@ -55,6 +62,16 @@ def test_cpu_defaults_follow_the_cores_and_omp_num_threads(monkeypatch):
         assert (a.threads, a.num_workers) == (2, 3) and "(--threads)" in a.cpu and "(--num_workers)" in a.cpu
     finally:
         torch.set_num_threads(before)
+
+
+def test_busy_cores_is_the_busy_fraction_of_this_process_cores(monkeypatch):
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    jiffies = common._cpu_jiffies(os.sched_getaffinity(0))  # the real file parses: busy <= total
+    assert 0 <= jiffies[0] <= jiffies[1]
+    samples = iter([(1000, 4000), (1150, 4300)])  # 150 of 300 ticks busy over the interval
+    monkeypatch.setattr(common, "_cpu_jiffies", lambda cpus: next(samples))
+    assert common.busy_cores(interval=0) == pytest.approx(common.usable_cores() * 0.5)
 
 
 # ---- signals and safety saves ----
@@ -226,3 +243,25 @@ def test_progress_bar_shows_the_method_terms(tmp_path):
     r.bar = __import__("tqdm").tqdm(disable=True)
     r.step(0, {"loss": torch.tensor(1.0), "a": 1.0, "b": 2.0, "c": 3.0, "loss_u": torch.tensor(0.25)})
     assert r.bar.postfix == "loss_u=0.2500"
+
+
+def test_a_corrupt_training_file_ends_in_one_line_after_the_progress_bar(tmp_path):
+    """A truncated h5 file among the training slices: the error names it, and it is the last line
+    printed (the reading progress bar is closed first, not redrawn under the message)."""
+    info = common.get_dataset("Phantom2D")
+    src = common.resolve_root(info)
+    for f in src.glob("*.list"):
+        (tmp_path / f.name).write_text(f.read_text())
+    (tmp_path / "data" / "slices").mkdir(parents=True)
+    for f in [*(src / "data").glob("*.h5"), *(src / "data" / "slices").glob("*.h5")]:
+        (tmp_path / f.relative_to(src)).symlink_to(f)  # the same files, but for one truncated slice
+    name = (src / "train_slices.list").read_text().split()[3]
+    bad = tmp_path / "data" / "slices" / f"{name}.h5"
+    bad.unlink()
+    whole = (src / "data" / "slices" / f"{name}.h5").read_bytes()
+    bad.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(AssertionError, match="exited with 2") as e:
+        conftest.run("train_supervised.py", *TINY2D, "--root_path", tmp_path, "--model_dir", tmp_path / "m")
+    printed = [seg for seg in str(e.value).replace("\r", "\n").split("\n") if seg.strip()]
+    assert printed[-1].startswith(f"error: {bad}: cannot be read as an HDF5 case"), printed[-3:]
+    assert not (tmp_path / "m").exists()
