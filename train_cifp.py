@@ -195,6 +195,10 @@ def main(argv=None):
                 loss_fp = torch.zeros((), device=image.device)
                 loss = (loss_sup + 0.25 * loss_s1 + 0.25 * loss_s2 + 0.5 * loss_cifp) / 2  # (R) L_cifp takes the 0.5
 
+            run.viz(iteration, x_w[0], {"P_w": P_w[0], "P_fp": P_fp[0] if P_fp is not None else None, "P_cifp": P_cifp[0],
+                                        **{f"weight {k}": w[0] for k, w in zip(["w", "cifp", "fp"], omega)},
+                                        "fused pseudo-label": y_hat[0], "reliability r": r[0]})
+
             # ---- standard loop ----
             optimizer.zero_grad()
             scaler.scale(loss).backward()

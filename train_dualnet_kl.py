@@ -144,12 +144,12 @@ def pseudo_label_loss(z_k, target, unreliable):
 def kl_weighted_loss(z_student, z_teacher, T=KL_T):
     """(C) `uncertainty_rectified_loss`, ref §3.4: y_hat = argmax softmax(z_teacher / T) (detached);
     D = KL(p_teacher || p_student) per voxel with p_teacher detached; w = exp(-D), not detached;
-    L_kl = mean[w CE(z_student, y_hat)] + mean[D]. Gradient only into the student."""
+    L_kl = mean[w CE(z_student, y_hat)] + mean[D]. Gradient only into the student. Returns (L_kl, w)."""
     y_hat = torch.softmax(z_teacher.detach() / T, 1).argmax(1)
     p_t = torch.softmax(z_teacher.detach(), 1)
     D = (torch.xlogy(p_t, p_t) - p_t * F.log_softmax(z_student, 1)).sum(1)     # (C) D = sum_c p_t (log p_t - log p_s)
     w = torch.exp(-D)                                                           # (C) w = exp(-D)
-    return (w * F.cross_entropy(z_student, y_hat, reduction="none")).mean() + D.mean(), w.mean()
+    return (w * F.cross_entropy(z_student, y_hat, reduction="none")).mean() + D.mean(), w
 
 
 def cosine_loss(p_A, p_B):
@@ -276,7 +276,7 @@ def main(argv=None):
 
             # KL-uncertainty-weighted cross pseudo supervision B -> A (ref §3.4)
             scope = slice(lbs, None) if args.kl_unlabeled_only else slice(None)
-            loss_kl, mean_w = kl_weighted_loss(z_A[scope], z_B[scope])                    # (C) L_kl
+            loss_kl, w = kl_weighted_loss(z_A[scope], z_B[scope])                         # (C) L_kl, w = exp(-D)
             if args.kl_both_directions:
                 loss_kl_ba, _ = kl_weighted_loss(z_B[scope], z_A[scope])                   # (R) A -> B as well
                 loss_kl = loss_kl + loss_kl_ba
@@ -297,6 +297,9 @@ def main(argv=None):
             if args.labeled_terms_only:                               # ablation (not the method)
                 loss = loss_s_A + loss_s_B
 
+            run.viz(iteration, x[lbs], {"prediction A": p_A[lbs], "prediction B": p_B[lbs], "fused pseudo-label": yhat_u[0],
+                                        "unreliable (entropy filter)": unreliable[0], "KL weight w": w[lbs - (scope.start or 0)]})
+
             # ---- standard loop ----
             opt_a.zero_grad()
             opt_b.zero_grad()
@@ -306,7 +309,7 @@ def main(argv=None):
             scaler.update()
             run.step(iteration, {
                 "loss": loss, "loss_s_A": loss_s_A, "loss_s_B": loss_s_B, "dice_A": dice_A, "dice_B": dice_B,
-                "loss_u_A": loss_u_A, "loss_u_B": loss_u_B, "loss_kl": loss_kl, "mean_w": mean_w,
+                "loss_u_A": loss_u_A, "loss_u_B": loss_u_B, "loss_kl": loss_kl, "mean_w": w.mean(),
                 "loss_cos": loss_cos, "loss_c": loss_c, "lambda_c": lambda_c, "w_u": w_u, "b_wins": float(b_wins),
                 "kept_fraction": 1 - unreliable.float().mean(), "mask_M": M.mean(), "proto_samples": n_sampled,
                 "proto_gap": proto_gap})

@@ -280,6 +280,9 @@ def main(argv=None):
                 P_S = [torch.softmax(o.detach(), 1) for o in O_u]             # (C) the student's own probabilities
                 run.state["thresholds"] = update_thresholds(thresholds, P_S, y_hat)
 
+            run.viz(iteration, x_u[0], {"prediction": O_u[-1][0], "teacher pseudo-label": y_hat[-1][0],
+                                        "certain mask": certain[-1][0], "thresholds (scale x class)": thresholds})
+
             # ---- standard loop ----
             optimizer.zero_grad()
             scaler.scale(loss).backward()

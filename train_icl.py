@@ -279,6 +279,9 @@ def main(argv=None):
             loss_con = con_loss(G_u, M_u)                             # (P) L_con, (C) E8
             loss = loss_seg + loss_spa + args.lambda_usc * loss_usc + args.lambda_con * loss_con   # (C) E9, no ramp
 
+            run.viz(iteration, x_u[0], {"prediction": p_u[0], **{f"SSPA M_{i + 1}": M[0] for i, M in enumerate(M_u)},
+                                        **{f"USCL G_{i + 1}": G[0] for i, G in enumerate(G_u)}})
+
             # ---- standard loop ----
             optimizer.zero_grad()
             scaler.scale(loss).backward()

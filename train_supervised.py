@@ -46,6 +46,7 @@ def main(argv=None):
             with torch.autocast("cuda", enabled=args.amp):
                 logits = net(image)
             loss = common.supervised_loss(logits.float(), label)
+            run.viz(iteration, image[0], {"label": label[0], "prediction": logits[0]})  # a labeled sample
 
             optimizer.zero_grad()
             scaler.scale(loss).backward()

@@ -210,14 +210,16 @@ class UPG(nn.Module):
         return from_tokens(self.unembed(a), u1.shape[2:], self.patch)      # (C) A, no activation
 
     def forward(self, z1, z2, u1, u2):
+        """(z_hat, A)."""
         A = self.attention_map(u1, u2)
-        return self.head(torch.cat([A * z1, A * z2], 1))                   # (C) z_hat = H([A z^1, A z^2])
+        return self.head(torch.cat([A * z1, A * z2], 1)), A                # (C) z_hat = H([A z^1, A z^2])
 
 
 class UCSegModel(nn.Module):
     """Subnet 1 (U-Net), subnet 2 (V-Net, no normalisation, no dropout) and UPG. forward(x) gives the test-time
     prediction as logits for a softmax (binary: (0, z_hat_1), whose softmax is (1 - sigmoid, sigmoid));
-    outputs(x) gives everything training needs."""
+    outputs(x) gives everything training needs: z1, the three deepest features of subnet 1, z2, subnet 2's,
+    z_hat, and what UPG saw and made: the uncertainty maps u1, u2 and the attention map A."""
 
     def __init__(self, dims, num_classes, patch_size, upg_patch):
         super().__init__()
@@ -231,11 +233,12 @@ class UCSegModel(nn.Module):
     def outputs(self, x):
         feats1, feats2 = self.net1.encoder(x), self.net2.encoder(x)
         z1, z2 = self.net1.decoder(feats1)[0], self.net2.decoder(feats2)[0]
-        z_hat = self.upg(z1, z2, uncertainty(z1), uncertainty(z2))          # (C) UPG on u^k = C / S
-        return z1, feats1[-3:], z2, feats2[-3:], z_hat                     # (C) CCP: three deepest encoder stages
+        u1, u2 = uncertainty(z1), uncertainty(z2)                          # (C) u^k = C / S
+        z_hat, A = self.upg(z1, z2, u1, u2)
+        return z1, feats1[-3:], z2, feats2[-3:], z_hat, (u1, u2, A)        # (C) CCP: three deepest encoder stages
 
     def forward(self, x):
-        z_hat = self.outputs(x)[-1]
+        z_hat = self.outputs(x)[4]
         return torch.cat([torch.zeros_like(z_hat[:, :1]), z_hat[:, 1:2]], 1) if self.binary else z_hat
 
 
@@ -363,7 +366,7 @@ def main(argv=None):
 
             # ---- method: UC-Seg ----
             with torch.autocast("cuda", enabled=args.amp):
-                z1, feats1, z2, feats2, z_hat = model.outputs(image)       # (C) both subnets + UPG, whole batch
+                z1, feats1, z2, feats2, z_hat, (u1, u2, A) = model.outputs(image)  # (C) both subnets + UPG, whole batch
             z1, z2, z_hat = z1.float(), z2.float(), z_hat.float()
             feats1, feats2 = [f.float() for f in feats1], [f.float() for f in feats2]
 
@@ -414,7 +417,7 @@ def main(argv=None):
                 x_mix = outside * box + inside * (1 - box)
                 Y_mix = Y_out * box + Y_in * (1 - box)
                 with torch.autocast("cuda", enabled=args.amp):
-                    z1m, f1m, z2m, f2m, _ = model.outputs(x_mix)           # (C) UPG output on the mix unused
+                    z1m, f1m, z2m, f2m, _, _ = model.outputs(x_mix)        # (C) UPG output on the mix unused
                 z1m, z2m = z1m.float(), z2m.float()
                 f1m, f2m = [f.float() for f in f1m], [f.float() for f in f2m]
                 loss_mix1 = seg_loss(z1m, Y_mix, binary, per_slice)        # (C) L_mix^1
@@ -427,6 +430,10 @@ def main(argv=None):
                 loss1 = loss_sup1 + 0.5 * w_t * (loss_u1 + loss_mix1) + 0.5 * LAMBDA_C * (ife1 + ife1m)
                 loss2 = loss_sup2 + 0.5 * w_t * (loss_u2 + loss_mix2) + 0.5 * LAMBDA_C * (ife2 + ife2m)
                 loss = (loss1 + loss2) / 2 + loss_upg + 0.5 * LAMBDA_P * (ic + icm)
+
+            run.viz(iteration, x_u[0], {"fused prediction": z_hat[lbs], "uncertainty u1 (U-Net)": u1[lbs, 0],
+                                        "uncertainty u2 (V-Net)": u2[lbs, 0], "UPG attention A": A[lbs, 0],
+                                        "UPG pseudo-label": Y_hat[0]})
 
             # ---- standard loop ----
             optimizer.zero_grad()

@@ -73,8 +73,8 @@ def test_upg_shapes_and_gradients():
     upg = uc.UPG(2, 4, (32, 32), 8)
     z1, z2 = torch.randn(2, 4, 32, 32, requires_grad=True), torch.randn(2, 4, 32, 32, requires_grad=True)
     u1, u2 = uc.uncertainty(z1), uc.uncertainty(z2)
-    out = upg(z1, z2, u1, u2)
-    assert out.shape == (2, 4, 32, 32) and upg.pos.shape == (1, 16, 96)
+    out, A = upg(z1, z2, u1, u2)
+    assert out.shape == (2, 4, 32, 32) and upg.pos.shape == (1, 16, 96) and A.shape == (2, 1, 32, 32)
     assert (out >= -0.2 * out.abs().max() - 1e-6).all()                   # ends in LeakyReLU(0.2)
     out.sum().backward()
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0            # nothing detached (ref §2.3)
@@ -87,7 +87,7 @@ def test_binary_inference_logits_give_the_sigmoid():
     model = uc.UCSegModel(2, 2, (32, 32), 2).eval()
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():
-        z_hat = model.outputs(x)[-1]
+        z_hat = model.outputs(x)[4]
         probs = torch.softmax(model(x), 1)
     torch.testing.assert_close(probs[:, 1], torch.sigmoid(z_hat[:, 1]))
     assert model.net2.config["normalization"] == "none" and not model.net2.config["has_dropout"]
