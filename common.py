@@ -1,10 +1,11 @@
 """Everything the training and test scripts share that is not a network.
 
-Sections, in order (DESIGN.md): 1 data set registry, 2 reading, 3 transforms, 4 sampling and
+Sections, in order: 1 data set registry, 2 reading, 3 transforms, 4 sampling and
 5 phantoms live in common_data.py (re-exported here, so scripts import only `common`); this file
 holds 6 losses and schedules, 7 metrics, 8 inference and evaluation, 9 run plumbing.
-Conventions and their sources are in ../shared/reference/data_and_protocol.md (cited below as
-"protocol §n"). Nothing here belongs to one method: a method's own losses live in its script.
+Conventions and their sources: docs/protocol.md (comments cite the protocol specification as
+"protocol §n"; docs/protocol.md lists the sections). Nothing here belongs to one method: a method's
+own losses live in its script.
 """
 import argparse
 import csv

@@ -1,6 +1,6 @@
-"""Sections 1-5 of the shared code (DESIGN.md): data set registry, reading, transforms, sampling,
-phantoms. Scripts import them through `common` (which re-exports everything here); conventions
-and sources: ../shared/reference/data_and_protocol.md, cited as "protocol §n"."""
+"""Sections 1-5 of the shared code: data set registry, reading, transforms, sampling, phantoms.
+Scripts import them through `common` (which re-exports everything here); conventions and sources:
+docs/protocol.md (comments cite the protocol specification as "protocol §n", listed there)."""
 import json
 import math
 import os

@@ -4,8 +4,8 @@ M. Xu, H. Yang, B. Song, W. Hu, J. Miao, E. Cheng, "Cross Image Feature Perturba
 Label Fusion for Semi-Supervised Medical Image Segmentation", WACV 2025, pp. 7337-7347.
 
 **A documented reconstruction.** Only the abstract was available and no official code exists;
-the specification is ../shared/reference/cifp.md. Tags: (P) stated in the abstract, (R) our
-reconstruction (almost everything), after UniMatch (`LiheYoung/UniMatch: more-scenarios/medical`).
+the specification is docs/methods/cifp.md (comments cite its sections as "reference n").
+Tags: (P) stated in the abstract, (R) our reconstruction (almost everything), after UniMatch (`LiheYoung/UniMatch: more-scenarios/medical`).
 
 The idea (P): image-level perturbations of unlabeled images (colour changes, noise) ignore the
 reliable information in the labeled images. CIFP perturbs the *features* of an unlabeled image

@@ -4,8 +4,8 @@ Y. Lu, Y. Wu, A. Chaddad, T. Daqqaq, R. Kateb, "Enhancing Dual Network Based Sem
 Image Segmentation with Uncertainty-Guided Pseudo-Labeling", Knowledge-Based Systems 2025,
 arXiv 2509.13084. Official code: AIPMLab/Semi-supervised-Segmentation (`train_LA.py`, read, not
 copied), built on xmindflow/SSL-contrastive and WYC-321/MCF. Specification:
-../shared/reference/dualnet_kl.md (cited as "ref §n"). Tags: (P) paper (abstract), (C) official code,
-(R) reconstruction. Only the abstract of the paper was available.
+docs/methods/dualnet_kl.md (comments cite the specification's sections as "ref §n", listed there).
+Tags: (P) paper (abstract), (C) official code, (R) reconstruction. Only the abstract of the paper was available.
 
 Two different networks see the same crop (C): A = V-Net decoder on a ResNet-34 encoder, B = V-Net
 with dropout. Each is supervised on the labeled half (CE + Dice + a mutual-correction term); the

@@ -3,7 +3,7 @@
 H. Wu, C. Wang, Z. Cui, "Dual Cross-image Semantic Consistency with Self-aware Pseudo Labeling for
 Semi-supervised Medical Image Segmentation", IEEE TMI 2025, arXiv 2507.21440. Official code:
 ShanghaiTech-IMPACT/DuCiSC (`code/train_DuCiSC.py`, `code/networks/VNet.py`; read, not copied), built
-on MC-Net. Specification: ../shared/reference/ducisc.md (equation labels D1-D12 are the reference's,
+on MC-Net. Specification: docs/methods/ducisc.md (equation labels D1-D12 are this repository's,
 not the paper's; the paper body was not available). Tags: (P) paper (abstract, pipeline figure),
 (C) official code, (R) reconstruction.
 

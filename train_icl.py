@@ -3,8 +3,8 @@
 Y. Zhu, J. Yang, S.-Q. Liu, R. Zhang, "Inherent Consistent Learning for Accurate Semi-supervised
 Medical Image Segmentation", MIDL 2023, arXiv 2303.14175. Official code: zhuye98/ICL
 (`code/networks/unet_icl.py`, `unet_3D_icl.py`, `code/train_inherent_consistent_*.py`,
-`code/utils/losses.py`; read, not copied). Specification: ../shared/reference/icl.md (cited as
-"ref §n"; E1-E9 are the reference's equation labels, not the paper's; the paper body was not
+`code/utils/losses.py`; read, not copied). Specification: docs/methods/icl.md (its sections cited as
+"ref §n"; E1-E9 are this repository's equation labels, not the paper's; the paper body was not
 available, its method figure fixes the notation). Tags: (P) paper (abstract, Fig. 1), (C) official
 code, (R) reconstruction.
 

@@ -4,8 +4,8 @@ K. Huang, T. Zhou, H. Fu, Y. Zhang, Y. Zhou, X.-J. Wu, IEEE TIP 34:5543-5556 (20
 Official code: taozh2017/UCSeg at commit 7251be6 (`UC-Seg_3D_github/`, `UC-Seg_2D_github/`: the
 trainers, `module/UC_Seg*.py`, `module/generate_pseudo_map_attention*.py`, `module/denseCL_SSIM*.py`,
 `utils/UMIS.py`, `utils/losses.py`, `utils/mix_up.py`; read, not copied). Specification:
-../shared/reference/ucseg.md (cited as "ref §n"; the paper body was not available, so the
-equations are the code's). Tags: (P) paper (abstract), (C) official code, (R) reconstruction.
+docs/methods/ucseg.md (comments cite the specification's sections as "ref §n", listed there; the
+paper body was not available, so the equations are the code's). Tags: (P) paper (abstract), (C) official code, (R) reconstruction.
 
 Two subnets with no shared weights see the same batch: a U-Net and a V-Net without normalisation or
 dropout. UPG: each subnet's logits are Dirichlet evidence (softplus), the uncertainty u = C / S of

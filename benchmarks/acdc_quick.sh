@@ -8,7 +8,7 @@
 # docs/recipes.md); the flags below override their optimizer's rate and schedule, batch, patch and
 # run length. LR timing is every official loop's (the new rate is set after each step).
 #
-#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh ../shared/data/ACDC supervised cifp ducisc icl ucseg dualnet_kl
+#   bash benchmarks/acdc_quick.sh DATA_ROOT [METHOD ...]      e.g. bash benchmarks/acdc_quick.sh data/ACDC supervised cifp ducisc icl ucseg dualnet_kl
 #
 # Results: model/ACDC_quick_<n>_labeled/<method>/last_val_summary.csv (and _cases.csv, log.txt, metrics.csv).
 set -euo pipefail

@@ -7,7 +7,7 @@ supervised baseline (supervised, method A, method B, ..., supervised, method A, 
 drift of the machine's load hits every method alike. The time per iteration is the median of the
 per-iteration wall times in metrics.csv, skipping the first --skip iterations (loader start-up).
 
-    python benchmarks/iteration_speed.py --root_path ../shared/data/ACDC cifp ducisc icl
+    python benchmarks/iteration_speed.py --root_path data/ACDC cifp ducisc icl
 Writes benchmarks/results/iteration_speed.csv (appends one row per method and repeat).
 """
 import argparse

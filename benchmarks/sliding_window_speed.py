@@ -1,7 +1,7 @@
 """Batched sliding window (common.sliding_window) against the anchors' one-window-at-a-time loop,
 on one LA-sized volume, in the same process (a ratio, since machines are noisy).
 
-    python benchmarks/sliding_window_speed.py --root_path ../shared/data/LA [--case ID] [--sw_batch_size 4]
+    python benchmarks/sliding_window_speed.py --root_path data/LA [--case ID] [--sw_batch_size 4]
 
 V-Net (untrained: speed and agreement do not depend on the weights), patch 112x112x80, stride
 18/18/4 (protocol §1.5). Prints both times, the ratio and the largest difference of the
@@ -43,7 +43,7 @@ def naive_sliding_window(net, image, patch, stride, num_classes):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--root_path", default="../shared/data/LA")
+    p.add_argument("--root_path", default="data/LA")
     p.add_argument("--case", default=None, help="case id (default: the first of test.list)")
     p.add_argument("--sw_batch_size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
