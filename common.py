@@ -393,7 +393,7 @@ def _display(t, depth):
     return a.numpy(), labels
 
 
-def save_panel(path, image, maps, title, num_classes):
+def save_panel(path, image, maps, title, num_classes, class_names=None):
     """One PNG: the image and each named map of `maps` side by side. Spatial maps are (H, W) or (H, W, D)
     (shown at the middle depth); (C, *spatial) class scores as their argmax; small arrays (a table of
     thresholds) as annotated heat maps; a scalar as a number. The panel names are stored in the
@@ -433,6 +433,10 @@ def save_panel(path, image, maps, title, num_classes):
             im = ax.imshow(arr, cmap="viridis")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
         ax.set_title(name, fontsize=8)
+    if class_names:  # the colour of each foreground class in the label maps
+        from matplotlib.patches import Patch
+        fig.legend(handles=[Patch(color=classes(c), label=name) for c, name in enumerate(class_names, start=1)],
+                   loc="upper right", ncol=len(class_names), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -874,7 +878,8 @@ class Run:
         if not every or (iteration + 1) % every:
             return
         save_panel(self.dir / "viz" / f"iteration_{iteration + 1:06d}.png", image, maps,
-                   f"{self.method}, {self.args.dataset}, iteration {iteration + 1}", self.info.num_classes)
+                   f"{self.method}, {self.args.dataset}, iteration {iteration + 1}", self.info.num_classes,
+                   self.info.class_names)
 
     # ---- the loop ----
     def batches(self, loader):

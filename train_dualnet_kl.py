@@ -30,7 +30,7 @@ Deviations from the official code (default; `--as_released` restores the release
   stop the run at the NaN guard.
 - L_u^A and L_u^B keep the code's constant weight 1; `--u_rampup 1` weights them by the sigmoid
   ramp of lambda_c instead (R, the remedy ref §3.7 names if gradients on L_u make the start
-  unstable). On the ACDC quick protocol neither helped network A early: see the README.
+  unstable). On the ACDC quick protocol neither helped network A early: see docs/results.md.
 - One summed loss and one backward pass instead of two losses and two backward passes: each term
   is counted once either way, so the gradients are the same (ref §3.7).
 - The third, prototype-distance term of L_c is a constant once the prototypes are detached; it
@@ -54,7 +54,7 @@ that the coupling terms, which act from the first iteration, teach a class neith
 yet (the right ventricle) as background: on the ACDC quick protocol the method with dropout ends
 below the supervised U-Net (34.8 / 36.3 % Dice at 3 / 7 patients), without it 63.4 / 68.6 %. ACDC is
 not one of the paper's data sets; `--dropout on` gives the code's networks. Measurements and
-ablations (`--labeled_terms_only`) are in the README.
+ablations (`--labeled_terms_only`) are in docs/results.md.
 
     python train_dualnet_kl.py --dataset LA --labeled_num 8
     python test_3d.py --ckpt model/LA_run_8_labeled/dualnet_kl/last.pth

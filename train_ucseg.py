@@ -30,7 +30,7 @@ Deviations from the official code (default; `--as_released` restores the first t
   axes only (a per-slice Dice, ref §3.1).
 - Queue start vectors are normalised along the feature axis; the released 2D file normalises along
   the class axis (only matters while slots keep their start, i.e. with the shared pointer).
-Recipe as the code (golden tests where a test is named in docs/recipes.md): unet_3D with its
+Recipe as the code (golden tests where docs/methods/ucseg.md names one): unet_3D with its
 Kaiming-normal init and the V-Net with PyTorch's (3D), the 2D V-Net with its Kaiming pass; 3D
 augmentation rot90/flip + crop on LA and Pancreas alike; ACDC augmentation = the code's
 albumentations pipeline (nearest resize, flips, ShiftScaleRotate, grid/elastic distortion,

@@ -1,4 +1,4 @@
-"""Print README results rows (markdown) from run folders, so no number is typed by hand.
+"""Print results rows (markdown, as in docs/results.md) from run folders, so no number is typed by hand.
 
     python benchmarks/results_table.py model/ACDC_quick_3_labeled/supervised model/ACDC_quick_7_labeled/supervised
 

@@ -71,9 +71,9 @@ def test_panels_hold_the_tensors_the_losses_use(method, tmp_path, monkeypatch):
     handed = []
     real_save = common.save_panel
 
-    def save_and_keep(path, image, maps, title, num_classes):
+    def save_and_keep(path, image, maps, *args):
         handed.append(maps)
-        real_save(path, image, maps, title, num_classes)
+        real_save(path, image, maps, *args)
 
     monkeypatch.setattr(common, "save_panel", save_and_keep)
     module.main([*map(str, SMOKE_2D), "--max_iterations", "2", "--viz_interval", "2", "--val_split", "none",
@@ -108,3 +108,22 @@ def test_save_panel_draws_each_kind_of_map_and_skips_none(tmp_path):
             "scalar": torch.tensor(0.5), "switched off": None}
     common.save_panel(tmp_path / "p.png", torch.rand(1, 16, 16), maps, "title", 4)
     assert json.loads(Image.open(tmp_path / "p.png").text["Panels"]) == ["image", *list(maps)[:-1]]
+
+
+def test_plot_run_draws_every_term_lr_and_validation_dice_of_several_runs(tmp_path):
+    import plot_run
+    for name, scale in (("a", 1.0), ("b", 0.5)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "args.json").write_text(json.dumps({"labeled_num": 7}))
+        rows = ["iteration,lr,loss,loss_u,time,val_dice,val_dice_RV"]
+        rows += [f"{i},{0.01 * (1 - i / 10)},{scale / i},{scale},{i}," + ("0.5,0.4" if i % 5 == 0 else ",")
+                 for i in range(1, 11)]
+        (folder / "metrics.csv").write_text("\n".join(rows) + "\n")
+    label, series = plot_run.read_run(tmp_path / "a")
+    assert label == "a, 7 labeled" and series["val_dice"] == ((5, 10), (0.5, 0.5)) and len(series["loss"][0]) == 10
+    runs = [plot_run.read_run(tmp_path / n) for n in ("a", "b")]
+    assert plot_run.panels_of(runs) == ["loss", "loss_u", "lr", "val_dice", "val_dice_RV"]
+    out = plot_run.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out == tmp_path / "a" / "curves.png" and Image.open(out).size[0] > 0
+    assert plot_run.moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
