@@ -424,7 +424,7 @@ def save_panel(path, image, maps, title, num_classes, class_names=None):
         if min(arr.shape) <= 8:  # a small table, e.g. thresholds per scale and class
             ax.imshow(arr, cmap="viridis", aspect="auto")
             for (i, j), v in np.ndenumerate(arr):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w")
         elif torch.is_tensor(value) and value.dtype == torch.bool:  # a mask: white where true
             ax.imshow(arr, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         elif labels:  # a label map: background black, one colour per class
@@ -440,7 +440,7 @@ def save_panel(path, image, maps, title, num_classes, class_names=None):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, metadata={"Title": title, "Panels": json.dumps(names)})
+    fig.savefig(path, dpi=100, metadata={"Title": title, "Panels": json.dumps(names)})
     plt.close(fig)
 
 
