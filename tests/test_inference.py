@@ -114,3 +114,23 @@ def test_keep_largest_components_per_class_with_full_connectivity():
     pred[4:6, 4:6, :] = 0            # now the corner-connected pair is the largest: kept whole
     out = common.keep_largest_components(pred, 3)
     assert (out == 1).sum() == 5
+
+
+@pytest.mark.parametrize("shape", [(5, 32, 32), (3, 20, 24, 16)])
+def test_torch_largest_component_equals_scipy_on_random_masks(shape):
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.3, 0.5, 0.6):  # around the percolation threshold: many components, ties
+        mask = torch.from_numpy(rng.random(shape) < density)
+        expected = np.stack([common.largest_component(m) for m in mask.numpy()])
+        assert np.array_equal(common.largest_components_torch(mask).numpy(), expected), density
+    assert not common.largest_components_torch(torch.zeros(2, 8, 8, dtype=torch.bool)).any()
+
+
+def test_torch_largest_component_equals_scipy_on_real_masks():
+    info = common.get_dataset("Phantom2D")
+    cases = common.load_cases(info, common.resolve_root(info), "val")
+    slices = [common.zoom_to(s, (96, 96)) for _, _, label in cases for s in label]   # every val slice's label
+    masks = torch.from_numpy(np.stack([s == c for s in slices for c in (1, 2, 3)]))
+    expected = np.stack([common.largest_component(m) for m in masks.numpy()])
+    assert np.array_equal(common.largest_components_torch(masks).numpy(), expected)
+    assert np.array_equal(common.largest_components(masks).numpy(), expected)   # the CPU path (scipy)
