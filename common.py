@@ -562,16 +562,16 @@ def _registry_defaults(info):
                 val_split=info.val_split or "none")
 
 
-def _merged_defaults(dataset, defaults):
-    info = DATASETS[dataset]
-    return {**_registry_defaults(info), **defaults.get("*", {}), **defaults.get(dataset, {})}
+def _merged_defaults(info, defaults):
+    """A data set's defaults: the method's for that data set, then the method's for all, then the registry."""
+    return {**_registry_defaults(info), **defaults.get("*", {}), **defaults.get(info.name, {})}
 
 
 def _describe_defaults(parser, defaults):
     """Append each data-set dependent default to its --help line: the default data set's value, and
     the others' where they differ."""
     first = defaults.get("*", {}).get("dataset", "ACDC")
-    per = {name: _merged_defaults(name, defaults) for name in DATASETS}
+    per = {name: _merged_defaults(info, defaults) for name, info in DATASETS.items()}
     fmt = lambda v: "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731
     for action in parser._actions:
         if action.default is not None or not action.option_strings or "default" in (action.help or ""):
@@ -599,9 +599,7 @@ def parse_args(parser, argv=None, defaults=None):
         args.dataset = defaults.get("*", {}).get("dataset", "ACDC")
     info = get_dataset(args.dataset, args.root_path)
     args.dataset = info.name  # the registry's spelling (--dataset acdc -> ACDC)
-    registry = _registry_defaults(info)
-    merged = {**registry, **defaults.get("*", {}), **defaults.get(args.dataset, {})}
-    for key, value in merged.items():
+    for key, value in _merged_defaults(info, defaults).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.patch_size = [int(p) for p in args.patch_size]
@@ -1036,11 +1034,7 @@ class Run:
         if not path.is_file():
             raise DataError(f"--resume: {path} does not exist (same --dataset, --exp, --labeled_num and "
                             f"--model_dir as the run to continue?)")
-        try:
-            return torch.load(path, map_location=self.args.device, weights_only=False)
-        except Exception as e:  # a truncated or foreign file: torch raises several kinds
-            raise DataError(f"--resume: {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                            f"start a new run with another --exp") from None
+        return read_checkpoint_file(path, self.args.device, "--resume", "; start a new run with another --exp")
 
     def _check_resume_args(self, ckpt):
         """Refuse a resume whose flags would train something else than the run being continued."""
@@ -1126,17 +1120,23 @@ class Run:
 
 
 # ---- checkpoints for evaluation, and the test scripts' command line ----
+def read_checkpoint_file(path, device, flag, hint=""):
+    """torch.load of a checkpoint file; a truncated or foreign file ends in one line naming `flag`, the
+    file and `hint` (torch raises several kinds of error for them)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{flag} {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}){hint}") from None
+
+
 def load_checkpoint(path, device="cpu", member=None):
     """(Predictor, checkpoint dict) from any checkpoint a training script wrote; member=k keeps only the
     k-th network of an ensemble checkpoint (0-based, in the order the checkpoint lists them)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--ckpt {path}: file not found")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: torch raises several kinds
-        raise DataError(f"--ckpt {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]})") from None
+    ckpt = read_checkpoint_file(path, device, "--ckpt")
     if not isinstance(ckpt, dict):
         raise DataError(f"--ckpt {path}: not a checkpoint of this repository (a {type(ckpt).__name__})")
     for key in ("dataset", "nets", "state_dicts", "args"):
