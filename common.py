@@ -320,15 +320,17 @@ def predict_slices(predict, volume, patch, batch_size=16):
 
 
 class Predictor:
-    """Callable (B, 1, *patch) -> (B, C, *patch) softmax probabilities of one network or the mean
-    of several (an ensemble checkpoint), in eval mode, optionally under CUDA autocast."""
+    """Callable (B, 1, *patch) -> (B, C, *patch) float32 softmax probabilities of one network or the
+    mean of several (an ensemble checkpoint), in eval mode; amp_dtype: the networks autocast to this
+    dtype ("bfloat16", "float16"; see amp_dtype), None for float32."""
 
-    def __init__(self, nets, device, amp=False):
-        self.nets, self.device, self.amp = list(nets), torch.device(device), amp
+    def __init__(self, nets, device, amp_dtype=None):
+        self.nets, self.device, self.amp_dtype = list(nets), torch.device(device), amp_dtype
 
     def __call__(self, x):
-        with torch.autocast("cuda", enabled=self.amp and self.device.type == "cuda"):
-            probs = [torch.softmax(net(x.to(self.device)), 1).float() for net in self.nets]
+        with _autocast(self.device, self.amp_dtype):
+            logits = [net(x.to(self.device)) for net in self.nets]
+        probs = [torch.softmax(z.float(), 1) for z in logits]
         return sum(probs) / len(probs)
 
 
@@ -525,7 +527,8 @@ def add_common_args(parser):
     a("--num_workers", type=int, default=None,
       help="data loader worker processes; default: 0 on the CPU (measured fastest: benchmarks/cpu_defaults.py), "
            "min(4, cores) with CUDA")
-    a("--amp", action="store_true", help="mixed precision (CUDA only)")
+    a("--amp", action="store_true", help="mixed precision: float16 autocast on CUDA, bfloat16 on a CPU "
+      "with bfloat16 instructions (float32 on other CPUs); losses stay float32")
     a("--resume", action="store_true",
       help="continue from last.pth in the snapshot folder; every flag that changes training must be as before")
     a("--extend", action="store_true",
@@ -553,7 +556,8 @@ PATCH_MULTIPLE = 16  # every network here halves the patch four times (V-Net, U-
 
 # flags that may differ when a run is resumed: where and how it runs, not what it trains
 RESUME_FREE = {"resume", "extend", "device", "threads", "num_workers", "sw_batch_size", "save_interval",
-               "save_minutes", "val_interval", "root_path", "model_dir", "viz_interval", "cpu"}
+               "save_minutes", "val_interval", "root_path", "model_dir", "viz_interval", "cpu", "precision",
+               "amp_dtype"}
 
 
 def _registry_defaults(info):
@@ -640,8 +644,7 @@ def parse_args(parser, argv=None, defaults=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
-    if args.amp and not args.device.startswith("cuda"):
-        fail("--amp needs a CUDA device (got --device %s)" % args.device)
+    args.amp_dtype, args.precision = amp_dtype(args.device, args.amp)
     if args.sw_batch_size is None:
         args.sw_batch_size = default_sw_batch_size(args.device)
     configure_cpu(args)
@@ -711,6 +714,42 @@ def configure_cpu(args):
         worker_source = "--num_workers"
     args.cpu = (f"{cores} usable cores; torch threads {args.threads} ({source}); loader workers "
                 f"{args.num_workers} ({worker_source})")
+
+
+def cpu_has_bf16():
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it,
+    which is slower than float32."""
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def amp_dtype(device, amp):
+    """The dtype --amp autocasts the network passes to: "float16" on CUDA (with a GradScaler), "bfloat16"
+    on a CPU that has bfloat16 instructions, None (float32) otherwise. Returns (dtype name, what to log)."""
+    if not amp:
+        return None, "float32"
+    if str(device).startswith("cuda"):
+        return "float16", "--amp: float16 autocast of the network passes (CUDA), losses in float32"
+    if cpu_has_bf16():
+        return "bfloat16", "--amp: bfloat16 autocast of the network passes (CPU with bfloat16 instructions), losses in float32"
+    return None, "--amp ignored: this CPU has no bfloat16 instructions (AVX512-BF16/AMX), so float32"
+
+
+def autocast(args):
+    """Context for the network passes of a training step: autocast to args.amp_dtype, a no-op without --amp.
+    Outputs come out in the low dtype: the scripts cast them with .float() before the losses, so that
+    every loss, metric and method state is float32 as without --amp."""
+    return _autocast(args.device, args.amp_dtype)
+
+
+def _autocast(device, dtype_name):
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def grad_scaler(args):
+    """Loss scaling for float16 (CUDA --amp); bfloat16 has float32's range and needs none."""
+    return torch.amp.GradScaler("cuda", enabled=args.amp_dtype == "float16")
 
 
 def seed_everything(seed, deterministic=True):
@@ -892,12 +931,13 @@ class Run:
         (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         self.log(f"{'resuming' if args.resume else 'starting'} {method} on {args.dataset} at iteration "
                  f"{self.iteration}; git {_git_commit()}; python {platform.python_version()}, torch "
-                 f"{torch.__version__}, numpy {np.__version__}; device {args.device}; CPU: {args.cpu}\n"
+                 f"{torch.__version__}, numpy {np.__version__}; device {args.device}; CPU: {args.cpu}; "
+                 f"precision: {args.precision}\n"
                  f"args: {json.dumps(vars(args))}")
         if args.val_split == "test":
             self.log("model selection on the TEST list (--val_split test): as the LA/Pancreas anchors do; "
                      "comparable with them but optimistic")
-        self.predictor = Predictor([models[k] for k in self.eval_models], args.device, args.amp)
+        self.predictor = Predictor([models[k] for k in self.eval_models], args.device, args.amp_dtype)
         self._csv_keys, self._csv, self._t0 = None, None, time.time()
         self._saved_at = time.monotonic()
 
@@ -1172,16 +1212,17 @@ def test_main(dims, argv=None):
                    help="keep the largest connected component of each class (the LA tests' --nms 1); auto: as the "
                         "method's official test, stored in the checkpoint (UC-Seg 3D: on; others: off)")
     p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: float16 autocast on CUDA, bfloat16 on a "
+                   "CPU with bfloat16 instructions (float32 on other CPUs)")
     p.add_argument("--member", type=int, default=None,
                    help="evaluate only network k (0-based) of an ensemble checkpoint, a diagnostic; CSVs get _member<k>")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if a.amp and not device.startswith("cuda"):
-        raise DataError("--amp needs a CUDA device")
     a.sw_batch_size = a.sw_batch_size or default_sw_batch_size(device)
     predictor, ckpt = load_checkpoint(a.ckpt, device, a.member)
-    predictor.amp = a.amp
+    predictor.amp_dtype, precision = amp_dtype(device, a.amp)
+    if a.amp:
+        print(precision)
     root_path = a.root_path or ckpt["args"].get("root_path")
     info = get_dataset(ckpt["dataset"], root_path)
     if info.dims != dims:

@@ -133,7 +133,7 @@ def main(argv=None):
     # UniMatch's U-Net up-samples with transposed convolutions (reference 2.1).
     net = common.default_network(info, **({"upsample": "transpose"} if info.dims == 2 else {})).to(args.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     run = common.Run(args, "cifp", models={"net": net}, optimizers={"optimizer": optimizer, "scaler": scaler},
                      progress_terms=["loss", "loss_sup", "loss_s1", "loss_fp", "loss_cifp"])
     run.log(f"{n_labeled} labeled and {n_unlabeled} unlabeled training samples; batches of "
@@ -157,7 +157,7 @@ def main(argv=None):
             x_s1 = torch.where(box1[:, None] > 0, x_s1.roll(1, 0), x_s1)
             x_s2 = torch.where(box2[:, None] > 0, x_s2.roll(1, 0), x_s2)
 
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 feats = net.encoder(torch.cat([x_l, x_w]))               # (R) one encoder pass for x_l and x_w
                 logits, _ = net.decoder(feats)
                 logits_l, logits_w = logits[:lbs], logits[lbs:]

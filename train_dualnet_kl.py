@@ -222,7 +222,7 @@ def main(argv=None):
     net_a, net_b = (n.to(args.device) for n in build_networks(info, dropout=args.dropout == "on"))
     opt_a = torch.optim.SGD(net_a.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  # (C) one SGD
     opt_b = torch.optim.SGD(net_b.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  #     per network
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     run = common.Run(args, "dualnet_kl", models={"net_a": net_a, "net_b": net_b},
                      optimizers={"opt_a": opt_a, "opt_b": opt_b, "scaler": scaler},
                      eval_models=("net_a", "net_b"),                 # (C) inference: mean of both softmax maps
@@ -244,7 +244,7 @@ def main(argv=None):
             y_l = label[:lbs]
 
             # ---- method: dual network ----
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 z_A, dec_A = net_a.decoder(net_a.encoder(x))          # (C) the same crop for both networks
                 z_B, dec_B = net_b.decoder(net_b.encoder(x))
             z_A, z_B = z_A.float(), z_B.float()

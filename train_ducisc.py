@@ -208,7 +208,7 @@ def main(argv=None):
     for p in teacher.parameters():
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     state = {"thresholds": torch.full((4, C), 1.0 / C, device=args.device)}  # (C) tau_c^s = 1/num_classes
     run = common.Run(args, "ducisc", models={"net": net, "teacher": teacher},
                      optimizers={"optimizer": optimizer, "scaler": scaler}, state=state,
@@ -227,7 +227,7 @@ def main(argv=None):
             thresholds = run.state["thresholds"]
 
             # ---- method: DuCiSC ----
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 O_l, F_l = forward_deepsup(net, x_l)                          # (C) three separate student passes
                 O_u, F_u = forward_deepsup(net, x_u)
                 with torch.no_grad():
@@ -253,7 +253,7 @@ def main(argv=None):
             sigma = SIGMA_LOW + (SIGMA_HIGH - SIGMA_LOW) * torch.rand(shape, device=image.device)  # (C) sigma_i
             x_m = sigma * x_l + (1 - sigma) * x_u[:lbs]                       # (C) global mixup of the pair i
             y_m = sigma * Y_l + (1 - sigma) * onehot(y_hat[-1][:lbs], C)      # (C) y~_m with the full-res y_hat^4
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 O_m, F_m = forward_deepsup(net, x_m)
             loss_mix, _, _ = deepsup_loss(O_m, [resize(y_m, o.shape[2:], "linear") for o in O_m],
                                           [m[:lbs] for m in certain], soft=True)  # (C) the unlabeled partner's M^s

@@ -245,7 +245,7 @@ def main(argv=None):
     uscl = ICLModule(info.dims, channels, shapes, info.num_classes, bool(args.spatial_mlp), args.head_split).to(args.device)
     params = list(net.parameters()) + list(sspa.parameters()) + list(uscl.parameters())
     optimizer = torch.optim.SGD(params, lr=args.base_lr, momentum=0.9, weight_decay=1e-4)  # (C) one SGD for all
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     run = common.Run(args, "icl", models={"net": net, "sspa": sspa, "uscl": uscl},
                      optimizers={"optimizer": optimizer, "scaler": scaler},     # evaluation: the network only
                      progress_terms=["loss", "loss_seg", "loss_spa", "loss_usc", "loss_con"])
@@ -264,7 +264,7 @@ def main(argv=None):
             x_l, y_l, x_u = image[:lbs], label[:lbs], image[lbs:]
 
             # ---- method: ICL ----
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 p_l, feats_l = icl_features(net, x_l)                 # (C) two separate forward calls
                 p_u, feats_u = icl_features(net, x_u)
                 M_l, proxies = sspa(feats_l)                          # (P) SSPA on labeled: M_i^l and Q_i

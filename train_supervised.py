@@ -33,7 +33,7 @@ def main(argv=None):
     loader, n_labeled, _ = common.train_loader(args, info, root, labeled_only=True)
     net = common.default_network(info).to(args.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     run = common.Run(args, "supervised", models={"net": net}, optimizers={"optimizer": optimizer, "scaler": scaler})
     run.log(f"{n_labeled} labeled training samples, batches of {args.labeled_bs}")
 
@@ -43,7 +43,7 @@ def main(argv=None):
         for iteration, batch in run.batches(loader):
             common.set_lr(optimizer, common.lr_at(args.lr_schedule, args.base_lr, iteration, args.max_iterations))
             image, label = batch["image"].to(args.device), batch["label"].to(args.device)
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 logits = net(image)
             loss = common.supervised_loss(logits.float(), label)
             run.viz(iteration, image[0], {"label": label[0], "prediction": logits[0]})  # a labeled sample

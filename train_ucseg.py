@@ -339,7 +339,7 @@ def main(argv=None):
     ccp = nn.ModuleList([CCP(C, d, QUEUE_K[dims], shared_pointer=args.as_released,
                              init_class_axis=args.as_released and dims == 2) for d in feat_dims]).to(args.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=1e-5)  # (C)
-    scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+    scaler = common.grad_scaler(args)
     # (C) the 3D test keeps the largest component and slides with stride 18/18/4 on LA and Pancreas alike
     test_rules = {"lcc": True, "stride": (18, 18, 4)} if dims == 3 else {}
     run = common.Run(args, "ucseg", models={"model": model, "ccp": ccp}, test_rules=test_rules,
@@ -363,7 +363,7 @@ def main(argv=None):
             t, T = iteration, args.max_iterations
 
             # ---- method: UC-Seg ----
-            with torch.autocast("cuda", enabled=args.amp):
+            with common.autocast(args):
                 z1, feats1, z2, feats2, z_hat, (u1, u2, A) = model.outputs(image)  # (C) both subnets + UPG, whole batch
             z1, z2, z_hat = z1.float(), z2.float(), z_hat.float()
             feats1, feats2 = [f.float() for f in feats1], [f.float() for f in feats2]
@@ -414,7 +414,7 @@ def main(argv=None):
                     Y_in, Y_out = Y_l, Y_hat
                 x_mix = outside * box + inside * (1 - box)
                 Y_mix = Y_out * box + Y_in * (1 - box)
-                with torch.autocast("cuda", enabled=args.amp):
+                with common.autocast(args):
                     z1m, f1m, z2m, f2m, _, _ = model.outputs(x_mix)        # (C) UPG output on the mix unused
                 z1m, z2m = z1m.float(), z2m.float()
                 f1m, f2m = [f.float() for f in f1m], [f.float() for f in f2m]
