@@ -96,6 +96,13 @@ def lr_at(schedule, base_lr, iteration, max_iterations):
     raise ValueError(f"unknown --lr_schedule {schedule!r}")
 
 
+def argmax(x, dim=1):
+    """x.argmax(dim), the same indices (the first maximum on ties), computed as x.max(dim).indices: on the
+    CPU torch's argmax over a non-last axis is about 10x slower (26 ms vs 2 ms for the (8, 4, 128, 128)
+    class axis of a quick-protocol batch, torch 2.13, one thread)."""
+    return x.max(dim).indices
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -314,7 +321,7 @@ def predict_slices(predict, volume, patch, batch_size=16):
     labels = []
     for i in range(0, len(zoomed), batch_size):  # the predictor moves the batch to its device
         x = torch.from_numpy(zoomed[i:i + batch_size])[:, None]
-        labels.append(predict(x).argmax(1).cpu().numpy().astype(np.uint8))
+        labels.append(argmax(predict(x)).cpu().numpy().astype(np.uint8))
     labels = np.concatenate(labels)
     return np.stack([zoom_to(lab, volume.shape[1:]) for lab in labels])
 
@@ -369,7 +376,7 @@ def largest_components_torch(mask, check_every=8):
     counts = torch.zeros(len(mask), n + 1, dtype=torch.long, device=mask.device)
     counts.scatter_add_(1, lab, torch.ones_like(lab))
     counts[:, 0] = 0                                                         # background
-    keep = n - counts.flip(1).argmax(1)                                      # largest count, largest id on ties
+    keep = n - argmax(counts.flip(1))                                        # largest count, largest id on ties
     return (lab == keep[:, None]).view(mask.shape) & mask
 
 
@@ -400,7 +407,7 @@ def predict_case(predict, info, image, patch, stride=None, sw_batch_size=4, gaus
     else:
         image = torch.from_numpy(image).to(predict.device)
         probs = sliding_window(predict, image, patch, stride or info.stride, info.num_classes, sw_batch_size, gaussian)
-        pred = probs.argmax(0).cpu().numpy().astype(np.uint8)
+        pred = argmax(probs, 0).cpu().numpy().astype(np.uint8)
     return keep_largest_components(pred, info.num_classes) if lcc else pred
 
 
@@ -429,7 +436,7 @@ def _display(t, depth):
     a = torch.as_tensor(t).detach().float().cpu()
     labels = not torch.is_floating_point(torch.as_tensor(t))
     if a.dim() == (3 if depth is None else 4):  # class scores or probabilities
-        a, labels = a.argmax(0).float(), True
+        a, labels = argmax(a, 0).float(), True
     if depth is not None and a.dim() == 3:
         a = a[..., depth]
     return a.numpy(), labels

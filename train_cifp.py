@@ -105,7 +105,7 @@ def fuse(P_list, delta=1e-6):
     certainty = torch.stack([1 - normalized_entropy(P) + delta for P in P_list])   # (R) 1 - U_k + delta, (K, B, *s)
     omega = certainty / certainty.sum(0, keepdim=True)                             # (R) omega_k
     P_bar = sum(w.unsqueeze(1) * P for w, P in zip(omega, P_list))                 # (P) fusion, (R) its form
-    return P_bar.argmax(1), 1 - normalized_entropy(P_bar), omega                   # (P) no threshold; (R) y_hat, r
+    return common.argmax(P_bar), 1 - normalized_entropy(P_bar), omega                   # (P) no threshold; (R) y_hat, r
 
 
 def channel_dropout(features, p=0.5):
@@ -208,7 +208,7 @@ def main(argv=None):
                 "loss": loss, "loss_sup": loss_sup, "loss_s1": loss_s1, "loss_s2": loss_s2, "loss_fp": loss_fp,
                 "loss_cifp": loss_cifp, "mean_r": r.mean(), "mean_gate_a": a.mean(),
                 **{f"omega_{k}": w.mean() for k, w in zip(["w", "cifp", "fp"][:sources], omega)},
-                "fusion_changed": (y_hat != P_w.argmax(1)).float().mean()})
+                "fusion_changed": (y_hat != common.argmax(P_w)).float().mean()})
         run.finish()
 
 

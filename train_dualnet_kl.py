@@ -145,7 +145,7 @@ def kl_weighted_loss(z_student, z_teacher, T=KL_T):
     """(C) `uncertainty_rectified_loss`, ref §3.4: y_hat = argmax softmax(z_teacher / T) (detached);
     D = KL(p_teacher || p_student) per voxel with p_teacher detached; w = exp(-D), not detached;
     L_kl = mean[w CE(z_student, y_hat)] + mean[D]. Gradient only into the student. Returns (L_kl, w)."""
-    y_hat = torch.softmax(z_teacher.detach() / T, 1).argmax(1)
+    y_hat = common.argmax(torch.softmax(z_teacher.detach() / T, 1))
     p_t = torch.softmax(z_teacher.detach(), 1)
     D = (torch.xlogy(p_t, p_t) - p_t * F.log_softmax(z_student, 1)).sum(1)     # (C) D = sum_c p_t (log p_t - log p_s)
     w = torch.exp(-D)                                                           # (C) w = exp(-D)
@@ -284,7 +284,7 @@ def main(argv=None):
 
             # Prototype loss on the loser's uncertain features (ref §3.6)
             with torch.set_grad_enabled(not args.as_released):        # (C) released: under no_grad
-                loss_c, n_sampled, proto_gap = prototype_loss(f_loser, yhat_u, unreliable, p_loser.argmax(1), C)
+                loss_c, n_sampled, proto_gap = prototype_loss(f_loser, yhat_u, unreliable, common.argmax(p_loser), C)
             if args.as_released and n_sampled > 0:
                 loss_c = loss_c + proto_gap                           # (C) the released value adds the gap
             # (no voxel sampled: the released value is NaN (an empty mean); logged as 0, see the docstring)

@@ -131,7 +131,7 @@ def deepsup_loss(logits, targets, masks=None, soft=False):
             kl = F.kl_div(F.log_softmax(O, 1), T, reduction="none")                  # (C) custom_cross_entropy
             ce = ce + (kl.mean() if m is None else kl.movedim(1, -1)[m].mean())
         else:
-            per_voxel = F.cross_entropy(O, T.argmax(1), reduction="none")
+            per_voxel = F.cross_entropy(O, common.argmax(T), reduction="none")
             ce = ce + (per_voxel.mean() if m is None else per_voxel[m].mean())
         dice = dice + fg_dice(torch.softmax(O, 1), T, m)
     n = len(logits)
@@ -233,7 +233,7 @@ def main(argv=None):
                 with torch.no_grad():
                     O_T, _ = forward_deepsup(teacher, x_u)
             P_T = [torch.softmax(o, 1) for o in O_T]
-            y_hat = [P.argmax(1) for P in P_T]                                # (C) y_hat^s from each scale's own head
+            y_hat = [common.argmax(P) for P in P_T]                          # (C) y_hat^s from each scale's own head
 
             # L_sup (D1, D2): GT resized by nearest to every head
             Y_l = onehot(y_l, C)

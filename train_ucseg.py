@@ -147,7 +147,7 @@ def hard_prediction(z, binary):
     """(C) hard one-hot mask of a prediction with the largest component of each foreground class per sample:
     binary: sigmoid(z)[:, 1] >= 0.5 (`--nms 1`); multi-class: argmax softmax (`get_ACDC_masks`)."""
     C = z.shape[1]
-    labels = (torch.sigmoid(z[:, 1]) >= 0.5).long() if binary else z.argmax(1)
+    labels = (torch.sigmoid(z[:, 1]) >= 0.5).long() if binary else common.argmax(z)
     masks = torch.stack([labels == c for c in range(1, C)], 1)            # (B, C - 1, *S), disjoint
     kept = common.largest_components(masks.flatten(0, 1)).view(masks.shape)
     out = sum(c * kept[:, c - 1].long() for c in range(1, C))
