@@ -21,4 +21,6 @@ for m in $methods; do
   done
 done
 rm -rf "$out"
+# UC-Seg's largest-component step on the GPU against SciPy on the host (times and equality)
+if [ -d data/ACDC ]; then python benchmarks/lcc_speed.py --device cuda; else python benchmarks/lcc_speed.py --dataset Phantom2D --device cuda; fi
 echo "cuda smoke: all passed"
