@@ -7,11 +7,14 @@ optimizer steps. Everything else (loading and augmenting the batch, losses, pseu
 logging) is what the ratio measured / floor puts on top.
 
 How: the script runs --iterations iterations in this process (as `python train_<m>.py ...` would,
-quick-protocol flags, validation off). A forward hook records the top-level module calls of iteration
---record (inputs, grad mode, autocast state); after the run those calls are replayed on the same
-modules with the same inputs --floor_repeats times: the median replay is the floor, the median of the
-iterations after --skip is the measured s/it. Script and replay alternate --repeats times, so a slow
-drift of the machine's load hits both alike.
+quick-protocol flags, validation off; the scripts scale their warm-ups and stage switches to the run
+length, so every term runs from the recorded iteration on). A forward hook records the top-level module calls of iteration
+--record (inputs, grad mode, autocast state, which outputs the backward reached). From then on, after
+every iteration the script makes, those calls are replayed once on the same modules with the same
+inputs and timed apart: iteration and floor alternate, so the machine's load (noisy here) hits both
+alike. Medians over the iterations after --skip and over all --repeats runs: the measured s/it, the
+floor, and the time spent waiting for the loader (reading and augmenting a batch in the main process,
+the CPU default of 0 workers) within the measured iterations.
 
     python benchmarks/compute_floor.py --root_path data/ACDC supervised cifp ducisc icl ucseg dualnet_kl
     python benchmarks/compute_floor.py --root_path data/ACDC --amp supervised       # bfloat16 on the CPU
@@ -88,7 +91,8 @@ def tensors(x):
 
 def replay(calls, used, optimizers):
     """One floor pass: the recorded calls, one backward from the outputs the script's backward reached,
-    the optimizer steps. Returns seconds."""
+    the optimizer steps. The backward gets a zero gradient (the same work, no change to the weights
+    beyond weight decay and momentum), so the run it is interleaved with trains on. Returns seconds."""
     t0 = time.perf_counter()
     total = 0
     for (module, inputs, grad, (amp, dtype)), reached in zip(calls, used):
@@ -100,16 +104,17 @@ def replay(calls, used, optimizers):
     for opt in optimizers:
         opt.zero_grad()
     if torch.is_tensor(total):
-        total.backward()
+        (total * 0).backward()
     for opt in optimizers:
         opt.step()
     return time.perf_counter() - t0
 
 
 def measure(method, args, workdir):
-    """Run the script; returns (list of s/it after --skip, floor replay times, passes description)."""
-    seen, stamps, recorder = {}, [], Recorder()
-    init, step = common.Run.__init__, common.Run.step
+    """Run the script; after each iteration past --skip, one floor replay (timed apart). Returns (s/it of
+    those iterations, floor replay times, loader times within those iterations, passes description)."""
+    seen, steps, floors, loading, recorder = {"t0": None, "n": 0}, [], [], [], Recorder()
+    init, step, batches = common.Run.__init__, common.Run.step, common.Run.batches
 
     def run_init(self, *a, **kw):
         seen["optimizers"] = [o for o in kw.get("optimizers", {}).values() if isinstance(o, torch.optim.Optimizer)]
@@ -117,10 +122,29 @@ def measure(method, args, workdir):
 
     def run_step(self, iteration, values):
         step(self, iteration, values)
-        stamps.append(time.perf_counter())
-        recorder.active = len(stamps) == args.record  # record the iteration after --record steps
+        now = time.perf_counter()
+        seen["n"] += 1
+        timed = seen["n"] > args.skip and seen["t0"] is not None
+        if timed:
+            steps.append(now - seen["t0"])
+            loading.append(seen["loader"])
+        recorder.active = seen["n"] == args.record  # record the iteration after --record steps
+        if timed and recorder.calls and not recorder.active:
+            floors.append(replay(recorder.calls, recorder.used, seen["optimizers"]))
+        seen["t0"] = time.perf_counter()
 
-    common.Run.__init__, common.Run.step = run_init, run_step
+    def run_batches(self, loader):  # times the loader: reading and augmenting a batch
+        it = batches(self, loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            seen["loader"] = time.perf_counter() - t0
+            yield item
+
+    common.Run.__init__, common.Run.step, common.Run.batches = run_init, run_step, run_batches
     argv = [str(REPO / f"train_{method}.py"), *QUICK, "--root_path", args.root_path, "--max_iterations",
             str(args.iterations), "--exp", "floor", "--model_dir", str(Path(workdir) / f"{method}_{time.time_ns()}"),
             "--threads", str(args.threads), *(["--amp"] if args.amp else [])]
@@ -133,13 +157,10 @@ def measure(method, args, workdir):
     finally:
         sys.argv = saved[0]
         os.chdir(saved[1])
-        common.Run.__init__, common.Run.step = init, step
+        common.Run.__init__, common.Run.step, common.Run.batches = init, step, batches
         recorder.remove()
-    steps = [b - a for a, b in zip(stamps[args.skip:], stamps[args.skip + 1:])]
-    calls = recorder.calls
-    floors = [replay(calls, recorder.used, seen["optimizers"]) for _ in range(args.floor_repeats + 1)][1:]
     passes = []  # "UNet x4" per call, runs of equal calls counted: "UNetEncoder x4 (3 calls)"
-    for (m, inputs, _, _), reached in zip(calls, recorder.used):
+    for (m, inputs, _, _), reached in zip(recorder.calls, recorder.used):
         batch = next(tensors(inputs)).shape[0] if any(True for _ in tensors(inputs)) else "?"
         name = f"{type(m).__name__} x{batch}" + ("" if any(reached) else " (no backward)")
         if passes and passes[-1][0] == name:
@@ -147,18 +168,19 @@ def measure(method, args, workdir):
         else:
             passes.append([name, 1])
     passes = "; ".join(n + (f" ({k} calls)" if k > 1 else "") for n, k in passes)
-    return steps, floors, passes
+    return steps, floors, loading, passes
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("methods", nargs="+", help="method names (train_<name>.py)")
     p.add_argument("--root_path", required=True)
-    p.add_argument("--iterations", type=int, default=14)
-    p.add_argument("--skip", type=int, default=3, help="iterations left out of the measured median (start-up)")
-    p.add_argument("--record", type=int, default=5, help="the iteration whose module calls are the floor")
-    p.add_argument("--floor_repeats", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--skip", type=int, default=12, help="iterations left out of the medians (start-up); >= --record")
+    p.add_argument("--record", type=int, default=12,
+                   help="the iteration whose module calls are the floor: after every stage switch of the scaled "
+                        "schedules (at 30 iterations: DuCiSC's warm-up ends at 4, UC-Seg's copy-paste starts at 7)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method, methods interleaved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--amp", action="store_true", help="--amp for the scripts (bfloat16 on a CPU that has it)")
     p.add_argument("--label", default="", help="a note stored with the rows (e.g. 'before')")
@@ -166,27 +188,27 @@ def main():
     args = p.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    results = {m: ([], [], "") for m in args.methods}
+    results = {m: ([], [], [], "") for m in args.methods}
     with tempfile.TemporaryDirectory() as workdir:
         for r in range(args.repeats):
             for m in args.methods:
-                steps, floors, passes = measure(m, args, workdir)
-                results[m][0].extend(steps)
-                results[m][1].extend(floors)
-                results[m] = (results[m][0], results[m][1], passes)
-                print(f"repeat {r + 1} {m}: {statistics.median(steps):.3f} s/it, floor {statistics.median(floors):.3f} s",
-                      flush=True)
+                steps, floors, loading, passes = measure(m, args, workdir)
+                results[m] = (results[m][0] + steps, results[m][1] + floors, results[m][2] + loading, passes)
+                print(f"repeat {r + 1} {m}: {statistics.median(steps):.3f} s/it, floor {statistics.median(floors):.3f} s, "
+                      f"loader {statistics.median(loading):.3f} s", flush=True)
     new = not Path(args.out).exists()
     with open(args.out, "a", newline="") as f:
         w = csv.writer(f)
         if new:
             w.writerow(["date", "commit", "label", "method", "precision", "threads", "measured_s_per_it",
-                        "floor_s_per_it", "ratio", "passes"])
-        for m, (steps, floors, passes) in results.items():
-            s, fl = statistics.median(steps), statistics.median(floors)
-            print(f"{m:12s} measured {s:.3f} s/it  floor {fl:.3f} s  ratio {s / fl:.2f}  [{passes}]")
+                        "floor_s_per_it", "ratio", "loader_s_per_it", "ratio_without_loader", "passes"])
+        for m, (steps, floors, loading, passes) in results.items():
+            s, fl, ld = statistics.median(steps), statistics.median(floors), statistics.median(loading)
+            print(f"{m:12s} measured {s:.3f} s/it  floor {fl:.3f} s  ratio {s / fl:.2f}  loader {ld:.3f} s  "
+                  f"(measured - loader) / floor {(s - ld) / fl:.2f}  [{passes}]")
             w.writerow([time.strftime("%Y-%m-%d %H:%M"), commit, args.label, m, "bf16" if args.amp else "fp32",
-                        args.threads, round(s, 4), round(fl, 4), round(s / fl, 3), passes])
+                        args.threads, round(s, 4), round(fl, 4), round(s / fl, 3), round(ld, 4),
+                        round((s - ld) / fl, 3), passes])
 
 
 if __name__ == "__main__":
