@@ -329,14 +329,26 @@ def predict_slices(predict, volume, patch, batch_size=16):
 class Predictor:
     """Callable (B, 1, *patch) -> (B, C, *patch) float32 softmax probabilities of one network or the
     mean of several (an ensemble checkpoint), in eval mode; amp_dtype: the networks autocast to this
-    dtype ("bfloat16", "float16"; see amp_dtype), None for float32."""
+    dtype ("bfloat16", "float16"; see amp_dtype), None for float32.
 
-    def __init__(self, nets, device, amp_dtype=None):
+    channels_last: 3D networks and their windows in the channels-last-3D memory layout, which oneDNN
+    convolves about 1.4x faster on the CPU (benchmarks/sliding_window_speed.py: the same label maps as
+    UA-MT's loop, probabilities equal to float rounding). The networks are converted in place, so only
+    for networks that are used for evaluation alone (the test scripts'); training keeps its layout."""
+
+    def __init__(self, nets, device, amp_dtype=None, channels_last=False):
         self.nets, self.device, self.amp_dtype = list(nets), torch.device(device), amp_dtype
+        self.channels_last = channels_last and any(p.dim() == 5 for net in self.nets for p in net.parameters())
+        if self.channels_last:
+            for net in self.nets:
+                net.to(memory_format=torch.channels_last_3d)
 
     def __call__(self, x):
+        x = x.to(self.device)
+        if self.channels_last and x.dim() == 5:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         with _autocast(self.device, self.amp_dtype):
-            logits = [net(x.to(self.device)) for net in self.nets]
+            logits = [net(x) for net in self.nets]
         probs = [torch.softmax(z.float(), 1) for z in logits]
         return sum(probs) / len(probs)
 
@@ -1177,9 +1189,10 @@ def read_checkpoint_file(path, device, flag, hint=""):
                         f"{str(e).splitlines()[0][:200]}){hint}") from None
 
 
-def load_checkpoint(path, device="cpu", member=None):
+def load_checkpoint(path, device="cpu", member=None, channels_last=True):
     """(Predictor, checkpoint dict) from any checkpoint a training script wrote; member=k keeps only the
-    k-th network of an ensemble checkpoint (0-based, in the order the checkpoint lists them)."""
+    k-th network of an ensemble checkpoint (0-based, in the order the checkpoint lists them);
+    channels_last: 3D networks in that layout on the CPU (see Predictor)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"--ckpt {path}: file not found")
@@ -1199,7 +1212,7 @@ def load_checkpoint(path, device="cpu", member=None):
         net = build_network(spec).to(device)
         net.load_state_dict(sd)
         nets.append(net.eval())
-    return Predictor(nets, device), ckpt
+    return Predictor(nets, device, channels_last=channels_last and torch.device(device).type == "cpu"), ckpt
 
 
 def test_main(dims, argv=None):
@@ -1221,12 +1234,15 @@ def test_main(dims, argv=None):
     p.add_argument("--save_nii", action="store_true", help="write prediction, image and label as .nii.gz")
     p.add_argument("--amp", action="store_true", help="mixed precision: float16 autocast on CUDA, bfloat16 on a "
                    "CPU with bfloat16 instructions (float32 on other CPUs)")
+    p.add_argument("--channels_last", choices=["on", "off"], default="on",
+                   help="3D on the CPU: networks and windows in the channels-last layout (about 1.5x faster; "
+                        "probabilities equal to float rounding); off: the layout the networks trained in")
     p.add_argument("--member", type=int, default=None,
                    help="evaluate only network k (0-based) of an ensemble checkpoint, a diagnostic; CSVs get _member<k>")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     a.sw_batch_size = a.sw_batch_size or default_sw_batch_size(device)
-    predictor, ckpt = load_checkpoint(a.ckpt, device, a.member)
+    predictor, ckpt = load_checkpoint(a.ckpt, device, a.member, channels_last=a.channels_last == "on")
     predictor.amp_dtype, precision = amp_dtype(device, a.amp)
     if a.amp:
         print(precision)

@@ -4,6 +4,7 @@ against UA-MT's `test_single_case` + `calculate_metric_percase`, the 2D slice-wi
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import common
@@ -14,13 +15,16 @@ from vnet import VNet
 G = np.load(Path(__file__).parent / "golden" / "evaluation.npz")
 
 
-def test_3d_sliding_window_and_metrics_match_uamt():
+@pytest.mark.parametrize("channels_last", [False, True])  # True: the test scripts' layout on the CPU
+def test_3d_sliding_window_and_metrics_match_uamt(channels_last):
     net = VNet(dims=3, num_classes=2, has_dropout=False)
     fill(net, torch.zeros(1, 1, 32, 32, 16)).eval()
     with torch.no_grad():
         net.decoder.out_conv.bias.copy_(torch.from_numpy(G["bias3"]))
     # a 44 x 38 x 12 volume: z is below the 16-deep patch, so the padding path runs too
-    probs = common.sliding_window(common.Predictor([net], "cpu"), G["vol3"], (32, 32, 16), (8, 8, 4), 2)
+    predictor = common.Predictor([net], "cpu", channels_last=channels_last)
+    assert predictor.channels_last == channels_last
+    probs = common.sliding_window(predictor, G["vol3"], (32, 32, 16), (8, 8, 4), 2)
     np.testing.assert_allclose(probs.numpy(), G["score_map3"], rtol=1e-5, atol=1e-6)
     label_map = probs.argmax(0).numpy()
     assert np.array_equal(label_map, G["label_map3"])                      # 0 differing voxels

@@ -134,3 +134,13 @@ def test_torch_largest_component_equals_scipy_on_real_masks():
     expected = np.stack([common.largest_component(m) for m in masks.numpy()])
     assert np.array_equal(common.largest_components_torch(masks).numpy(), expected)
     assert np.array_equal(common.largest_components(masks).numpy(), expected)   # the CPU path (scipy)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+def test_argmax_equals_torch_argmax_with_ties(dim):
+    """common.argmax (max(dim).indices, faster on the CPU) gives torch's argmax, the first maximum on ties."""
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randint(0, 3, (3, 4, 5, 6), generator=g).float()  # three values: ties everywhere
+    assert torch.equal(common.argmax(x, dim), x.argmax(dim))
+    y = torch.randn(2, 4, 7, 5, 3, generator=g)
+    assert torch.equal(common.argmax(y), y.argmax(1))
