@@ -53,7 +53,7 @@ def record_dtypes(monkeypatch):
 def test_every_script_trains_under_bf16_autocast_with_float32_losses(tmp_path, monkeypatch, script):
     seen, handle = record_dtypes(monkeypatch)
     try:
-        run(script, *SMOKE_2D, "--max_iterations", "2", "--model_dir", tmp_path, "--amp")
+        run(script, *SMOKE_2D, "--max_iterations", "2", "--val_split", "none", "--model_dir", tmp_path, "--amp")
     finally:
         handle.remove()
     assert torch.bfloat16 in seen["conv"]                     # the network passes ran in bfloat16
