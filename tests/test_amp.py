@@ -65,7 +65,9 @@ def test_every_script_trains_under_bf16_autocast_with_float32_losses(tmp_path, m
 def test_3d_training_and_evaluation_under_bf16(tmp_path, monkeypatch):
     seen, handle = record_dtypes(monkeypatch)
     try:
-        run("train_supervised.py", *SMOKE_3D, "--max_iterations", "2", "--model_dir", tmp_path, "--amp")
+        # one thread: with two, this tiny bf16 3D run turned NaN at iteration 2 in about 1 of 3 fresh runs
+        # (oneDNN's bf16 kernels are not run-to-run deterministic across threads; see docs/results.md)
+        run("train_supervised.py", *SMOKE_3D, "--max_iterations", "2", "--model_dir", tmp_path, "--amp", "--threads", "1")
         ckpt = tmp_path / "Phantom3D_run_2_labeled" / "supervised" / "last.pth"
         seen["conv"].clear()
         out = run("test_3d.py", "--ckpt", ckpt, *COARSE, "--amp")
