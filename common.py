@@ -33,6 +33,11 @@ from common_data import REPO
 # =============================================================================================
 # 6. Losses and schedules (generic only)
 # =============================================================================================
+def one_hot(labels, num_classes, dtype=torch.float32):
+    """(B, *S) class indices -> (B, C, *S) one-hot maps (class axis second, as network outputs)."""
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 1).to(dtype)
+
+
 def dice_loss(probs, target, smooth=1e-5, weight=None):
     """Soft Dice loss averaged over classes, background included (SSL4MIS `DiceLoss`).
 
@@ -42,7 +47,7 @@ def dice_loss(probs, target, smooth=1e-5, weight=None):
     1 - (2 sum m p_c t_c + s) / (sum m p_c^2 + sum m t_c^2 + s), sums over the whole batch.
     """
     if target.dim() == probs.dim() - 1:
-        target = F.one_hot(target.long(), probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+        target = one_hot(target, probs.shape[1], probs.dtype)
     m = 1.0 if weight is None else weight.unsqueeze(1)
     dims = [0] + list(range(2, probs.dim()))
     intersect = (m * probs * target).sum(dims)

@@ -83,7 +83,7 @@ def cifp_proto(U, L, y_l, a, tau, num_classes):
     """CIFP variant `proto` (reference 2.4, R): borrow from labeled class prototypes mu_c (masked
     average of L over the positions labelled c, labels downsampled to the bottleneck by nearest)."""
     y = F.interpolate(y_l[:, None].float(), size=L.shape[2:], mode="nearest")[:, 0].long()  # (R) labels to the grid
-    onehot = F.one_hot(y, num_classes).movedim(-1, 1).float()           # (B_l, K, *s)
+    onehot = common.one_hot(y, num_classes)                          # (B_l, K, *s)
     L = L.detach()                                                       # (R) sg(L)
     counts = onehot.flatten(2).sum((0, 2))                               # positions per class
     mu = torch.einsum("bk...,bc...->kc", onehot, L) / counts.clamp_min(1)[:, None]   # (R) mu_c = mean of L over class c

@@ -86,7 +86,7 @@ KL_T = 0.5               # (C) temperature of the pseudo-label softmax (no effec
 def foreground_dice(p, y, smooth=1e-5):
     """(C) MCF `losses.dice_loss` on the foreground: 1 - (2 sum p y + s) / (sum p^2 + sum y^2 + s), batch-pooled;
     (R) averaged over the foreground classes when there are more than two."""
-    onehot = F.one_hot(y.long(), p.shape[1]).movedim(-1, 1).to(p.dtype)
+    onehot = common.one_hot(y, p.shape[1], p.dtype)
     dims = [0] + list(range(2, p.dim()))
     inter = (p * onehot).sum(dims)[1:]
     denom = (p * p).sum(dims)[1:] + (onehot * onehot).sum(dims)[1:]
@@ -95,7 +95,7 @@ def foreground_dice(p, y, smooth=1e-5):
 
 def mutual_correction_loss(p_k, y, M):
     """(C) L_cr^k = sum_v M (p_k,fg - y)^2 / (sum_v M + 1e-16), ref §3.1; (R) 1/2 sum_c (p_c - onehot_c)^2 per voxel."""
-    onehot = F.one_hot(y.long(), p_k.shape[1]).movedim(-1, 1).to(p_k.dtype)
+    onehot = common.one_hot(y, p_k.shape[1], p_k.dtype)
     sq = 0.5 * ((p_k - onehot) ** 2).sum(1)
     return (M * sq).sum() / (M.sum() + 1e-16)
 

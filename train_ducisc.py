@@ -91,10 +91,6 @@ def forward_deepsup(net, x):
 
 
 # ---- method: losses ----
-def onehot(y, C):
-    return F.one_hot(y.long(), C).movedim(-1, 1).float()
-
-
 def resize(t, size, mode):
     """Resize (B, C, *s) maps: 'nearest' for hard labels (the code's GT), 'linear' for soft labels."""
     if mode == "linear":
@@ -150,7 +146,7 @@ def update_thresholds(thresholds, P_S, y_hat, alpha=THRESH_ALPHA):
     tau_c^s <- clip(alpha tau + (1 - alpha) mu, 0.5, 0.95), skipped where no voxel carries c."""
     new = thresholds.clone()
     for s, (P, y) in enumerate(zip(P_S, y_hat)):
-        oh = onehot(y, P.shape[1])
+        oh = common.one_hot(y, P.shape[1])
         dims = [0] + list(range(2, P.dim()))
         count = oh.sum(dims)
         mu = (P * oh).sum(dims) / count.clamp_min(1)                                   # (C) mu_c^s
@@ -236,23 +232,23 @@ def main(argv=None):
             y_hat = [common.argmax(P) for P in P_T]                          # (C) y_hat^s from each scale's own head
 
             # L_sup (D1, D2): GT resized by nearest to every head
-            Y_l = onehot(y_l, C)
+            Y_l = common.one_hot(y_l, C)
             loss_sup, sup_ce, sup_dice = deepsup_loss(O_l, [resize(Y_l, o.shape[2:], "nearest") for o in O_l])
 
             # Self-aware certain masks (D3) and L_cs^ulb (D6)
             certain = certain_masks(P_T, thresholds)
-            loss_ulb, _, _ = deepsup_loss(O_u, [onehot(y, C) for y in y_hat], certain)
+            loss_ulb, _, _ = deepsup_loss(O_u, [common.one_hot(y, C) for y in y_hat], certain)
 
             # L_proto^ulb (D7, D8): GT masks for labeled, teacher argmax of the matching scale for unlabeled
             proto_l = prototypes(F_l, [resize(Y_l, f.shape[2:], "nearest") for f in F_l])
-            proto_u = prototypes(F_u, [onehot(y, C) for y in y_hat[::-1]])  # (C) level k <-> scale 5 - k
+            proto_u = prototypes(F_u, [common.one_hot(y, C) for y in y_hat[::-1]])  # (C) level k <-> scale 5 - k
             loss_proto_ulb, levels_ulb = prototype_loss(proto_l, proto_u, args.num_proto)
 
             # Fused images (D9) and L_cs^mix (D10): sigma x_l + (1 - sigma) x_u, soft label likewise
             shape = (lbs,) + (1,) * (x_l.dim() - 1)
             sigma = SIGMA_LOW + (SIGMA_HIGH - SIGMA_LOW) * torch.rand(shape, device=image.device)  # (C) sigma_i
             x_m = sigma * x_l + (1 - sigma) * x_u[:lbs]                       # (C) global mixup of the pair i
-            y_m = sigma * Y_l + (1 - sigma) * onehot(y_hat[-1][:lbs], C)      # (C) y~_m with the full-res y_hat^4
+            y_m = sigma * Y_l + (1 - sigma) * common.one_hot(y_hat[-1][:lbs], C)      # (C) y~_m with the full-res y_hat^4
             with common.autocast(args):
                 O_m, F_m = forward_deepsup(net, x_m)
             loss_mix, _, _ = deepsup_loss(O_m, [resize(y_m, o.shape[2:], "linear") for o in O_m],

@@ -151,7 +151,7 @@ def hard_prediction(z, binary):
     masks = torch.stack([labels == c for c in range(1, C)], 1)            # (B, C - 1, *S), disjoint
     kept = common.largest_components(masks.flatten(0, 1)).view(masks.shape)
     out = sum(c * kept[:, c - 1].long() for c in range(1, C))
-    return F.one_hot(out, C).movedim(-1, 1).float()
+    return common.one_hot(out, C)
 
 
 # ---- method: UPG ----
@@ -359,7 +359,7 @@ def main(argv=None):
             common.set_lr(optimizer, common.lr_at(args.lr_schedule, args.base_lr, iteration, args.max_iterations))
             image, label = batch["image"].to(args.device), batch["label"].to(args.device)
             x_l, x_u, y_l = image[:lbs], image[lbs:], label[:lbs]
-            Y_l = F.one_hot(y_l.long(), C).movedim(-1, 1).float()
+            Y_l = common.one_hot(y_l, C)
             t, T = iteration, args.max_iterations
 
             # ---- method: UC-Seg ----

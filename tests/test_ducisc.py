@@ -133,7 +133,7 @@ def test_forward_deepsup_returns_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, feats = dc.forward_deepsup(net, torch.randn(2, 1, 32, 32))
     assert {t.dtype for t in logits + feats} == {torch.float32}
-    masks = [dc.onehot(torch.randint(0, 4, (2, *f.shape[2:])), 4) for f in feats]
+    masks = [common.one_hot(torch.randint(0, 4, (2, *f.shape[2:])), 4) for f in feats]
     assert len(dc.prototypes(feats, masks)) == 4
 
 

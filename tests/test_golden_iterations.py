@@ -130,16 +130,16 @@ def test_ducisc_iteration_matches_the_official_one():
         O_T, _ = forward(teacher, x_u)
     P_T = [torch.softmax(o, 1) for o in O_T]
     y_hat = [P.argmax(1) for P in P_T]
-    Y_l = dc.onehot(y_l, C)
+    Y_l = common.one_hot(y_l, C)
     loss_sup, _, _ = dc.deepsup_loss(O_l, [dc.resize(Y_l, o.shape[2:], "nearest") for o in O_l])
     certain = dc.certain_masks(P_T, thresholds)
-    loss_ulb, _, _ = dc.deepsup_loss(O_u, [dc.onehot(v, C) for v in y_hat], certain)
+    loss_ulb, _, _ = dc.deepsup_loss(O_u, [common.one_hot(v, C) for v in y_hat], certain)
     proto_l = dc.prototypes(F_l, [dc.resize(Y_l, f.shape[2:], "nearest") for f in F_l])
-    proto_u = dc.prototypes(F_u, [dc.onehot(v, C) for v in y_hat[::-1]])
+    proto_u = dc.prototypes(F_u, [common.one_hot(v, C) for v in y_hat[::-1]])
     loss_proto_ulb, _ = dc.prototype_loss(proto_l, proto_u)
     sigma = torch.tensor(g["sigma"], dtype=torch.float32).view(lbs, 1, 1, 1, 1)
     x_m = sigma * x_l + (1 - sigma) * x_u[:lbs]
-    y_m = sigma * Y_l + (1 - sigma) * dc.onehot(y_hat[-1][:lbs], C)
+    y_m = sigma * Y_l + (1 - sigma) * common.one_hot(y_hat[-1][:lbs], C)
     O_m, F_m = forward(net, x_m)
     loss_mix, _, _ = dc.deepsup_loss(O_m, [dc.resize(y_m, o.shape[2:], "linear") for o in O_m],
                                      [m[:lbs] for m in certain], soft=True)
