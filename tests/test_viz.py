@@ -16,7 +16,7 @@ from conftest import SMOKE_2D, SMOKE_3D
 # tensor arguments and results are recorded.
 SOURCES = {
     "supervised": [(common, "supervised_loss")],
-    "ducisc": ["deepsup_loss", "certain_masks", "onehot"],
+    "ducisc": ["deepsup_loss", "certain_masks", (common, "one_hot")],
     "dualnet_kl": ["cosine_loss", "fused_label", "unreliable_mask", "kl_weighted_loss"],
     "ucseg": ["seg_loss", "hard_prediction", (train_ucseg.UPG, "forward")],
     "icl": ["usc_loss", "con_loss", "spa_loss"],
